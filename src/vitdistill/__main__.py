@@ -1,0 +1,5 @@
+import sys
+
+from vitdistill.cli import main
+
+sys.exit(main())

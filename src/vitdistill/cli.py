@@ -1,0 +1,201 @@
+"""The ``vitdistill`` command: train, distill, eval, profile, demo, methods, models.
+
+Every training option is also a config key: ``--config FILE`` then the flags then ``--set a.b=v``,
+later layers winning. A user error prints one line and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from vitdistill.config import Config, build_config, load_yaml, parse_override
+from vitdistill.errors import UserError
+
+# flag -> config key, for the options that train and distill share
+_COMMON = {
+    "data": "data.source", "out": "out", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "lr": "train.lr", "seed": "train.seed", "device": "train.device", "threads": "train.threads",
+}
+_DISTILL = {
+    "teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "student": "model.student",
+    "student_weights": "model.student_weights", "method": "method.name",
+}
+_TRAIN = {"model": "model.student", "weights": "model.student_weights"}
+
+
+def _nest(key: str, value: object) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def resolve_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
+    layers = [load_yaml(args.config)] if args.config else []
+    for attr, key in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            layers.append(_nest(key, value))
+    if getattr(args, "no_progress", False):
+        layers.append({"train": {"progress": False}})
+    layers.extend(parse_override(s) for s in args.set or [])
+    return build_config(layers)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (every option below is also a key there)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--data", help="digits | cifar10:DIR | cifar100:DIR | imagefolder:PATH")
+    p.add_argument("--out", help="run directory (default runs/<mode>-<method>-<model>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch stays)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitdistill.engine.run import run
+
+    cfg = resolve_config(args, {**_COMMON, **_TRAIN})
+    if cfg.method.get("name") != "none":
+        raise UserError("`train` fits a model on labels only; use `distill` for a method with a teacher")
+    _print_summary(run(cfg, "train", resume=args.resume))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from vitdistill.engine.run import run
+
+    _print_summary(run(resolve_config(args, {**_COMMON, **_DISTILL}), "distill", resume=args.resume))
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ["method", "student", "student_top1", "teacher", "teacher_top1", "agreement", "params", "flops",
+            "latency_ms_b1", "wall_s"]
+    print(json.dumps({k: summary.get(k) for k in keys if summary.get(k) is not None}))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vitdistill.evaluation import evaluate_cli
+
+    print(json.dumps(evaluate_cli(args)))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from vitdistill.evaluation import profile_cli
+
+    print(json.dumps(profile_cli(args)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vitdistill.demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed, epochs_scale=args.scale)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from vitdistill.methods import METHODS, method_knobs
+
+    for name, cls in METHODS.items():
+        knobs = ", ".join(f"{k}={v}" for k, v in method_knobs(cls).items()) or "-"
+        print(f"{name:<12} {cls.summary}\n{'':<12} paper: {cls.paper}\n{'':<12} knobs: {knobs}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import timm
+
+    from vitdistill.models import TINY_MODELS
+
+    if args.timm:
+        for name in timm.list_models(args.timm):
+            print(name)
+        return 0
+    print("registered tiny configs (any timm model name works too; `vitdistill models --timm 'deit*'`):")
+    for name, tiny in TINY_MODELS.items():
+        print(f"  {name:<32} {tiny.summary}  [timm {tiny.arch}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitdistill", description="Compress Vision Transformers by distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on labels (a teacher, or a no-KD baseline)")
+    _add_common(p)
+    p.add_argument("--model", help="tiny registered config or timm model name")
+    p.add_argument("--weights", help="initial weights (safetensors, torch file or run directory)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distill a teacher into a student with a method")
+    _add_common(p)
+    p.add_argument("--teacher", help="teacher model name")
+    p.add_argument("--teacher-weights", help="teacher weights (safetensors, torch file or run directory)")
+    p.add_argument("--student", help="student model name")
+    p.add_argument("--student-weights", help="initial student weights")
+    p.add_argument("--method", help="distillation method; `vitdistill methods` lists them")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a model (and agreement with a teacher)")
+    p.add_argument("--student", required=True, help="a run directory, or a model name with --weights")
+    p.add_argument("--weights", help="weights file when --student is a model name")
+    p.add_argument("--data", help="data source (default: the run's)")
+    p.add_argument("--teacher", help="teacher name, for agreement")
+    p.add_argument("--teacher-weights", help="teacher weights, for agreement")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="parameters, FLOPs, latency, throughput and peak memory of a model")
+    p.add_argument("--model", required=True, help="a model name or a run directory")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, else 32)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64, help="batch for throughput and memory")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="teacher, no-KD student and deit-hard student on the embedded digits set")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every epoch count (tests use < 1)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the distillation methods")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("models", help="list the tiny registered models (and timm's with --timm PATTERN)")
+    p.add_argument("--timm", metavar="PATTERN", help="list timm model names matching a wildcard pattern")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Run configuration: plain dataclasses, safe YAML, dotted overrides, unknown keys are errors.
+
+Every CLI option is also a key here, so a run is fully described by the ``config.yaml`` saved in
+its run directory and can be re-run with ``--config runs/NAME/config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitdistill.errors import UserError, did_you_mean
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | cifar10:DIR | cifar100:DIR | imagefolder:PATH
+    cache_dir: str | None = None  # decoded uint8 cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
+    img_size: int | None = None  # resize once at decode; None keeps the native size
+    val_fraction: float = 0.1  # held-out share when the source has no test split
+    pad: int | None = None  # random-crop padding; None takes the source's default
+    hflip: bool | None = None  # horizontal flips; None takes the source's default
+    train_limit: int | None = None  # use a fixed random subset of the training split
+    test_limit: int | None = None  # use a fixed random subset of the test split
+
+
+@dataclass
+class ModelConfig:
+    student: str = "vit_femto_patch4_16"  # a tiny registered config or any timm model name
+    student_weights: str | None = None  # safetensors / torch checkpoint / run directory
+    student_kwargs: dict = field(default_factory=dict)  # timm overrides: depth, embed_dim, patch_size...
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False  # timm's hub weights for names that have them (needs the network)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA only) | bf16 | off
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 256
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # name plus the method's own knobs; the knobs are checked against the method's signature
+    method: dict = field(default_factory=lambda: {"name": "none"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is dict and isinstance(value, dict):
+        return value
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise UserError(f"config key '{key}' expects {name}, got {value!r}; fix it in the config or --set")
+
+
+def _fill(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(
+                f"unknown config key '{dotted}'{did_you_mean(key, names)}; known keys under "
+                f"'{prefix.rstrip('.') or 'top level'}': {', '.join(names)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{dotted}' is a section; give it a mapping of keys")
+            _fill(current, value, dotted + ".")
+        elif key == "method" and prefix == "":
+            if isinstance(value, str):
+                value = {"name": value}
+            if not isinstance(value, dict):
+                raise UserError("config key 'method' must be a mapping with a 'name' (or just a name)")
+            merged = dict(current) if value.get("name", current.get("name")) == current.get("name") else {}
+            merged.update(value)
+            setattr(obj, key, merged)
+        elif hints[key] is dict or typing.get_origin(hints[key]) is dict:
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{dotted}' expects a mapping, got {value!r}")
+            setattr(obj, key, {**current, **value})
+        else:
+            setattr(obj, key, _check_type(dotted, value, hints[key]))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config with ``safe_load`` (no tags that execute code)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read config '{path}': {exc.strerror}; check the path") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config '{path}' is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config '{path}' must be a mapping of sections (data, model, method, train, out)")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``; the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key.path=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    cur = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return nested
+
+
+def build_config(layers: list[dict]) -> Config:
+    """Apply config layers in order (file, then CLI flags, then --set overrides) onto the defaults."""
+    cfg = Config()
+    for layer in layers:
+        _fill(cfg, layer, "")
+    if not isinstance(cfg.method.get("name"), str):
+        raise UserError("config key 'method.name' must be a method name; `vitdistill methods` lists them")
+    return cfg

@@ -1,0 +1,124 @@
+"""Seeded, per-sample, batched augmentation.
+
+Every random choice for a sample comes from one 32-bit seed that is a pure function of
+(run seed, epoch, sample index). A teacher cache therefore needs to store no seed at all: training
+re-creates the exact augmented image the teacher saw (TinyViT stores the seed; we only check it).
+Nothing here touches a global RNG, and a sample's result never depends on the batch it is in.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Domain constants, so the hash streams for different purposes never coincide.
+_GOLDEN = 0x9E3779B9
+_DOMAIN_SAMPLE = 0x5EED5EED
+_DOMAIN_ORDER = 0x0BADC0DE
+_DOMAIN_DX = 0x1B873593
+_DOMAIN_DY = 0xCC9E2D51
+_DOMAIN_FLIP = 0xE6546B64
+
+IntOrTensor = int | torch.Tensor
+
+
+def _mul32(h: IntOrTensor, c: int) -> IntOrTensor:
+    """``(h * c) mod 2**32`` for ``0 <= h < 2**32`` without ever overflowing int64.
+
+    The constant is split into 16-bit halves so every partial product stays below 2**49.
+    """
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: IntOrTensor) -> IntOrTensor:
+    """MurmurHash3's finaliser: a bijection on uint32 with full avalanche.
+
+    Works on Python ints and on int64 tensors holding uint32 values alike.
+    """
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _absorb(h: IntOrTensor, x: IntOrTensor) -> IntOrTensor:
+    """Fold a uint32 value into a running uint32 hash."""
+    return _fmix32(h ^ _fmix32((x + _GOLDEN) & _MASK32))
+
+
+def _absorb_int(h: int, x: int) -> int:
+    """Fold an arbitrary Python int (negative or wider than 32 bits) into the hash."""
+    h = _absorb(h, x & _MASK32)
+    return _absorb(h, (x >> 32) & _MASK32)
+
+
+def sample_seeds(run_seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+    """Per-sample augmentation seeds: int64 tensor of uint32 values, same shape as ``indices``.
+
+    A pure function of (run_seed, epoch, index). For one (run_seed, epoch) the seeds of distinct
+    indices below 2**32 are distinct (the final step is a bijection of the index).
+    """
+    base = _absorb_int(_absorb_int(_DOMAIN_SAMPLE, int(run_seed)), int(epoch))
+    idx = indices.to(torch.int64)
+    h = _absorb(torch.full_like(idx, base), idx & _MASK32)
+    return _absorb(h, (idx >> 32) & _MASK32)
+
+
+def augment_batch(images: torch.Tensor, seeds: torch.Tensor, pad: int, hflip: bool) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` and (if ``hflip``) horizontal flip with probability 1/2.
+
+    ``images`` is uint8 ``[N, C, H, W]`` on any device, ``seeds`` ``[N]`` from :func:`sample_seeds`.
+    The crop offsets are uniform in ``[0, 2*pad]``; a sample's output depends only on its image and
+    its seed. Returns a new uint8 tensor of the same shape.
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+    if seeds.shape != images.shape[:1]:
+        raise ValueError(f"need one seed per image: {tuple(seeds.shape)} seeds for {images.shape[0]} images")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if pad == 0 and not hflip:
+        return images.clone()
+    n, c, h, w = images.shape
+    s = seeds.to(torch.int64)
+    dx = _fmix32(s ^ _DOMAIN_DX) % (2 * pad + 1)
+    dy = _fmix32(s ^ _DOMAIN_DY) % (2 * pad + 1)
+    flip = (_fmix32(s ^ _DOMAIN_FLIP) & 1).bool() if hflip else torch.zeros_like(s, dtype=torch.bool)
+    dev = images.device
+    dx, dy, flip = dx.to(dev), dy.to(dev), flip.to(dev)
+
+    padded = images.new_zeros((n, c, h + 2 * pad, w + 2 * pad))
+    padded[:, :, pad:pad + h, pad:pad + w] = images
+    rows = dy[:, None] + torch.arange(h, device=dev)[None, :]  # [N, H]
+    cols = dx[:, None] + torch.arange(w, device=dev)[None, :]  # [N, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[
+        torch.arange(n, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+def epoch_batches(
+    n: int, batch_size: int, epoch: int, seed: int, shuffle: bool = True, drop_last: bool = False
+) -> list[torch.Tensor]:
+    """Split ``range(n)`` into index batches for one epoch.
+
+    The order comes from a private ``torch.Generator`` seeded by a hash of (seed, epoch), so a run
+    resumed at epoch e sees exactly the order the uninterrupted run would have seen.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if shuffle:
+        g = torch.Generator().manual_seed(_absorb_int(_absorb_int(_DOMAIN_ORDER, int(seed)), int(epoch)))
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    batches = list(order.split(batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches

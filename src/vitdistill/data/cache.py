@@ -1,0 +1,110 @@
+"""Decode once: decoded splits kept as one safetensors file per data set fingerprint.
+
+The file is written to a temporary name in the same folder and renamed into place, so a crash
+mid-write leaves no readable half file. A cache file that cannot be read back (corrupt, truncated,
+from an older format) is ignored and rebuilt, never fatal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .dataset import DataSplit, Dataset
+
+# Bump when decoding or layout rules change, so older cache files are not reused.
+FORMAT_VERSION = 1
+_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def default_cache_dir() -> Path:
+    """``$VITDISTILL_CACHE`` or ``~/.cache/vitdistill``."""
+    env = os.environ.get("VITDISTILL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitdistill"
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """A 16-hex-digit sha256 of a JSON-able description of the inputs and the decoding settings."""
+    blob = json.dumps({"format": FORMAT_VERSION, **payload}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> list[int]:
+    """Size and modification time (ns) of a file: cheap evidence that it has not changed."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def cache_path(cache_dir: str | os.PathLike[str] | None, fp: str) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "data" / f"{fp}.safetensors"
+
+
+def load_cached(path: Path, fp: str) -> Dataset | None:
+    """The cached data set, or None when there is none or it cannot be trusted."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in _KEYS}
+        if meta.get("format") != str(FORMAT_VERSION) or meta.get("fingerprint") != fp:
+            raise ValueError("format or fingerprint mismatch")
+        return Dataset(
+            name=meta["name"],
+            classes=list(json.loads(meta["classes"])),
+            train=DataSplit(tensors["train_images"], tensors["train_labels"]),
+            test=DataSplit(tensors["test_images"], tensors["test_labels"]),
+            fingerprint=fp,
+            pad=int(meta["pad"]),
+            hflip=meta["hflip"] == "true",
+        )
+    except Exception as e:  # any unreadable cache is rebuilt, whatever the reason
+        warnings.warn(f"ignoring unreadable data cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=3)
+        return None
+
+
+def save_cached(path: Path, ds: Dataset) -> None:
+    """Write ``ds`` atomically. A cache that cannot be written only costs a re-decode next time."""
+    tensors = {
+        "train_images": ds.train.images.contiguous(),
+        "train_labels": ds.train.labels.contiguous(),
+        "test_images": ds.test.images.contiguous(),
+        "test_labels": ds.test.labels.contiguous(),
+    }
+    meta = {
+        "format": str(FORMAT_VERSION),
+        "fingerprint": ds.fingerprint,
+        "name": ds.name,
+        "classes": json.dumps(ds.classes),
+        "pad": str(ds.pad),
+        "hflip": "true" if ds.hflip else "false",
+    }
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"could not write data cache {path} ({e}); data will be decoded again next time", stacklevel=3)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def split_tensors(images: torch.Tensor, labels: torch.Tensor) -> DataSplit:
+    """A split from possibly non-contiguous tensors (safetensors needs contiguous ones)."""
+    return DataSplit(images.contiguous(), labels.to(torch.int64).contiguous())

@@ -1,0 +1,171 @@
+"""Read an ImageFolder layout from a directory or a tar archive into uint8 tensors.
+
+Layout rules (the class of an image is the first folder below its split root, as in torchvision's
+``ImageFolder``):
+
+* ``train/<class>/...`` plus ``test/<class>/...`` (or ``val/``) at the top, possibly below one
+  common root folder: those are the splits;
+* otherwise ``<class>/...`` (again possibly below a common root): one pool, split by the caller.
+
+Hidden files and folders (``.*``, macOS ``__MACOSX`` and ``._x.jpg`` forks) are skipped. Every image
+file is decoded once with PIL; a file PIL cannot fully decode is an error naming that file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+_SPLIT_NAMES = ("train", "test", "val")
+_PROGRESS_MIN_IMAGES = 2000
+
+
+@dataclass
+class Entry:
+    """One image file: its path parts inside the source and its bytes (or where to read them)."""
+
+    parts: tuple[str, ...]
+    source: Path | bytes
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.parts)
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _wanted(parts: tuple[str, ...]) -> bool:
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return False
+    return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_directory(root: Path) -> list[Entry]:
+    """Every image file below ``root``, in sorted path order."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root).parts
+        for fn in sorted(filenames):
+            parts = (*rel, fn)
+            if _wanted(parts):
+                entries.append(Entry(parts, Path(dirpath) / fn))
+    return entries
+
+
+def read_archive(path: Path) -> list[Entry]:
+    """Every image file in a tar archive, with its bytes (one sequential pass over the archive)."""
+    entries = []
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tf, tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", leave=False,
+            disable=True if size < 4 << 20 else None,
+        ) as bar:
+            for member in tf:
+                parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
+                if member.isfile() and parts and _wanted(parts):
+                    f = tf.extractfile(member)
+                    assert f is not None
+                    entries.append(Entry(parts, f.read()))
+                bar.update(raw.tell() - bar.n)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise UserError(f"cannot read archive {path}: {e}; re-create or re-download it") from e
+    return entries
+
+
+def strip_common_root(entries: list[Entry]) -> list[Entry]:
+    """Drop leading folders shared by every file while at least ``<folder>/<file>`` remains."""
+    while entries and all(len(e.parts) >= 3 for e in entries) and len({e.parts[0] for e in entries}) == 1:
+        entries = [Entry(e.parts[1:], e.source) for e in entries]
+    return entries
+
+
+def split_layout(entries: list[Entry]) -> tuple[list[Entry], list[Entry]] | None:
+    """``(train, test)`` entries re-rooted at their split folder, or None if there are no split folders."""
+    entries = strip_common_root(entries)
+    tops = {e.parts[0].lower() for e in entries if len(e.parts) >= 3}
+    if "train" not in tops or not ({"test", "val"} & tops):
+        return None
+    test_name = "test" if "test" in tops else "val"
+    pick = lambda name: [Entry(e.parts[1:], e.source) for e in entries  # noqa: E731
+                         if len(e.parts) >= 3 and e.parts[0].lower() == name]
+    return pick("train"), pick(test_name)
+
+
+def class_entries(entries: list[Entry]) -> list[Entry]:
+    """Entries that sit inside a class folder (files directly at the root have no class)."""
+    return [e for e in entries if len(e.parts) >= 2]
+
+
+def decode_image(data: bytes, img_size: int | None) -> np.ndarray:
+    """Decode fully to RGB uint8 ``[H, W, 3]``, resized to ``img_size`` squared if given."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    if img_size is not None and rgb.size != (img_size, img_size):
+        rgb = rgb.resize((img_size, img_size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_split(
+    entries: list[Entry], class_index: dict[str, int], where: Path, img_size: int | None, desc: str
+) -> tuple[list[np.ndarray], list[int], dict[tuple[int, int], str]]:
+    """Decode ``entries`` (class = first path part) in sorted path order.
+
+    Returns the ``[H, W, 3]`` arrays, their labels, and one file name per distinct ``(W, H)`` so
+    :func:`check_sizes` can tell the user which files disagree.
+    """
+    entries = sorted(entries, key=lambda e: e.parts)
+    arrays, labels = [], []
+    sizes: dict[tuple[int, int], str] = {}
+    for e in tqdm(entries, desc=desc, unit="img", leave=False,
+                  disable=True if len(entries) < _PROGRESS_MIN_IMAGES else None):
+        try:
+            data = e.source.read_bytes() if isinstance(e.source, Path) else e.source
+        except OSError as err:
+            raise UserError(f"cannot read image '{e.name}' in {where}: {err}") from err
+        try:
+            arr = decode_image(data, img_size)
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            raise UserError(
+                f"corrupt or truncated image '{e.name}' in {where}: {err}; remove or replace it") from err
+        sizes.setdefault((arr.shape[1], arr.shape[0]), e.name)
+        arrays.append(arr)
+        labels.append(class_index[e.parts[0]])
+    return arrays, labels, sizes
+
+
+def check_sizes(sizes: dict[tuple[int, int], str], where: Path) -> None:
+    """All images must share one square size unless the user asks for a resize."""
+    examples = list(sizes.items())
+    if len(examples) > 1:
+        (s1, f1), (s2, f2) = examples[:2]
+        raise UserError(
+            f"images in {where} have different sizes ({s1[0]}x{s1[1]} in '{f1}', {s2[0]}x{s2[1]} in '{f2}'); "
+            "set data.img_size to resize them all once at load")
+    if examples and examples[0][0][0] != examples[0][0][1]:
+        (w, h), f = examples[0]
+        raise UserError(f"images in {where} are {w}x{h}, not square (e.g. '{f}'); set data.img_size to resize them")
+
+
+def stack(arrays: list[np.ndarray], side: int) -> torch.Tensor:
+    """``[H, W, 3]`` arrays to one uint8 ``[N, 3, H, W]`` tensor (``side`` shapes an empty split)."""
+    if not arrays:
+        return torch.empty((0, 3, side, side), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,193 @@
+"""One run, from a resolved config to a run directory.
+
+The run directory is the contract people script against: config.yaml, metrics.jsonl,
+summary.json, the model's safetensors (student.safetensors for distill, model.safetensors for
+train), checkpoint.pt (resume state, tensors only) and report.md with report.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vitdistill.config import Config
+from vitdistill.data import DataSplit, Dataset, load_data
+from vitdistill.engine import io
+from vitdistill.engine.evaluate import accuracy, predict
+from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
+from vitdistill.engine.trainer import Augment, LiveTeacher, param_groups, train_epoch, warmup_cosine
+from vitdistill.errors import UserError
+from vitdistill.methods import build_method
+from vitdistill.models import InputPrep, Teacher, create_model, prepare_student
+from vitdistill.models.factory import check_fits
+from vitdistill.report.profile import profile_model
+from vitdistill.report.run_report import write_run_report
+
+# Keys that may change between a run and its resume without changing its result.
+_RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("out",)}
+
+
+def _subset(split: DataSplit, limit: int | None) -> DataSplit:
+    if not limit or limit >= len(split):
+        return split
+    g = torch.Generator().manual_seed(0)
+    keep = torch.randperm(len(split), generator=g)[:limit].sort().values
+    return DataSplit(split.images[keep], split.labels[keep])
+
+
+def load_run_data(cfg: Config) -> Dataset:
+    d = cfg.data
+    data = load_data(d.source, cache_dir=d.cache_dir, img_size=d.img_size, val_fraction=d.val_fraction,
+                     seed=cfg.train.seed)
+    data.train = _subset(data.train, d.train_limit)
+    data.test = _subset(data.test, d.test_limit)
+    return data
+
+
+def build_teacher(cfg: Config, data: Dataset) -> tuple[Teacher, dict]:
+    m = cfg.model
+    if not m.teacher:
+        raise UserError(f"method '{cfg.method['name']}' needs a teacher; pass --teacher NAME --teacher-weights FILE")
+    img_size = None if m.pretrained else data.img_size
+    model, spec = create_model(m.teacher, data.num_classes, img_size, m.teacher_kwargs, m.pretrained, m.teacher_weights)
+    return Teacher(model), spec
+
+
+def _comparable(cfg: dict) -> dict:
+    return {s: ({k: v for k, v in sec.items() if (s, k) not in _RESUME_FREE} if isinstance(sec, dict) else sec)
+            for s, sec in cfg.items() if (s,) not in _RESUME_FREE}
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            found = _first_difference(a[key], b[key], f"{prefix}{key}.")
+            if found:
+                return found
+        elif a.get(key) != b.get(key):
+            return f"{prefix}{key}: {b.get(key)!r} then, {a.get(key)!r} now"
+    return ""
+
+
+def run(cfg: Config, mode: str, resume: bool = False) -> dict:
+    """Train (``mode="train"``) or distill (``mode="distill"``) and fill the run directory."""
+    out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    data = load_run_data(cfg)
+
+    method = build_method(cfg.method, cfg.train.label_smoothing)
+    if mode == "train" and method.needs_teacher:
+        raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
+    student, spec = create_model(cfg.model.student, data.num_classes, data.img_size, cfg.model.student_kwargs,
+                                 cfg.model.pretrained, cfg.model.student_weights)
+    method.check_student(student, cfg.model.student)
+    prepare_student(student)
+    teacher, teacher_spec = build_teacher(cfg, data) if method.needs_teacher else (None, None)
+
+    student.to(device)
+    method.to(device)
+    prep = InputPrep.for_model(student).to(device)
+    if teacher is not None:
+        teacher.to(device)
+    optimizer = torch.optim.AdamW(param_groups([student, method], cfg.train.weight_decay), lr=cfg.train.lr,
+                                  foreach=True)
+    n_train = len(data.train)
+    steps_per_epoch = max(1, n_train // cfg.train.batch_size) if n_train > cfg.train.batch_size else 1
+    total = steps_per_epoch * cfg.train.epochs
+    schedule = warmup_cosine(total, max(1, round(cfg.train.warmup_epochs * steps_per_epoch)), cfg.train.lr,
+                             cfg.train.min_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    resolved = cfg.to_dict()
+    metrics: list[dict] = []
+    start_epoch, wall_before = 0, 0.0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        diff = _first_difference(_comparable(resolved), _comparable(saved))
+        if diff:
+            raise UserError(f"cannot resume '{out}': its config differs ({diff}); use the same config or a new --out")
+        check_fits(student, state["student"], f"checkpoint '{ckpt_path}'", cfg.model.student)
+        student.load_state_dict(state["student"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, metrics, wall_before = state["epoch"], list(state["metrics"]), state["wall_s"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "config.yaml", cfg.to_yaml())
+    data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
+    pad = data.pad if cfg.data.pad is None else cfg.data.pad
+    hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
+    augment = Augment(cfg.train.seed, pad, hflip)
+    source = LiveTeacher(teacher) if teacher is not None else None
+
+    def student_eval(images: torch.Tensor) -> torch.Tensor:
+        return student(prep(images))
+
+    teacher_pred, teacher_acc = None, None
+    if teacher is not None:
+        t_logits = predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
+        teacher_pred, teacher_acc = t_logits.argmax(1), accuracy(t_logits, data.test.labels)
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, cfg.train.epochs):
+        row = {"epoch": epoch + 1}
+        row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
+                               augment=augment, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
+                               epoch=epoch, device=device, desc=f"{mode} {epoch + 1}/{cfg.train.epochs}"))
+        student.eval()
+        acc = accuracy(predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels,
+                       teacher_pred)
+        row.update({f"test_{k}": v for k, v in acc.items()})
+        metrics.append(row)
+        wall = wall_before + time.perf_counter() - started
+        print(_epoch_line(row), flush=True)
+        io.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
+        io.write_torch(ckpt_path, {
+            "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
+            "config": json.dumps(resolved),
+        })
+    wall = wall_before + time.perf_counter() - started
+
+    weights_name = "student.safetensors" if mode == "distill" else "model.safetensors"
+    io.write_safetensors(out / weights_name, student.state_dict(),
+                         {"timm_name": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]),
+                          "small_stem": json.dumps(spec["small_stem"]), "vitdistill_model": cfg.model.student})
+    final = metrics[-1] if metrics else {}
+    summary = {
+        "mode": mode, "method": method.name, "data": cfg.data.source, "student": cfg.model.student,
+        "teacher": cfg.model.teacher if teacher is not None else None,
+        "student_top1": final.get("test_top1"), "student_top5": final.get("test_top5"),
+        "agreement": final.get("test_agreement"),
+        "teacher_top1": teacher_acc["top1"] if teacher_acc else None,
+        "epochs": cfg.train.epochs, "wall_s": round(wall, 2), "timm_spec": spec,
+    }
+    input_size = (data.in_chans, data.img_size, data.img_size)
+    prof = profile_model(student, input_size, device=str(device))
+    summary.update({k: prof[k] for k in ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")})
+    if teacher is not None:
+        t_size = teacher.prep.size or data.img_size
+        tprof = profile_model(teacher.model, (data.in_chans, t_size, t_size), device=str(device))
+        summary.update({f"teacher_{k}": tprof[k] for k in ("params", "flops", "latency_ms_b1")})
+        summary["teacher_spec"] = teacher_spec
+    io.write_json(out / "summary.json", summary)
+    write_run_report(out, metrics, summary)
+    return summary
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"train_top1 {row['train_top1']:.4f}",
+             f"test_top1 {row['test_top1']:.4f}"]
+    if "test_agreement" in row:
+        parts.append(f"agreement {row['test_agreement']:.4f}")
+    parts.append(f"{row['img_s']:.0f} img/s")
+    return "  ".join(parts)

@@ -1,0 +1,46 @@
+"""The few runtime verbs the loop needs: device, threads, seeds, autocast."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from vitdistill.errors import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for but no CUDA GPU is visible; use --set train.device=cpu")
+    return dev
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed for one epoch (dropout, drop-path): a pure function, so resume replays it."""
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**63
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where it pays: on CUDA by default; on CPU only when asked (it is slower on most CPUs)."""
+    if amp not in ("auto", "bf16", "off"):
+        raise UserError(f"train.amp must be auto, bf16 or off, not '{amp}'")
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -1,0 +1,126 @@
+"""The training loop. It fits on a screen and never names a method or a teacher kind.
+
+Per step: augment a batch of uint8 images from per-sample seeds, ask the teacher source for what
+the method declared it needs, run the student, let the method compute its loss, step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from vitdistill.config import TrainConfig
+from vitdistill.data import DataSplit, augment_batch, epoch_batches, sample_seeds
+from vitdistill.engine.runtime import autocast, epoch_seed
+from vitdistill.methods.base import Method, Outputs
+from vitdistill.models.wrappers import student_outputs
+
+
+class TeacherSource(Protocol):
+    """Gives the method the teacher's outputs for a batch: a live teacher now, a cache later."""
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> Outputs: ...
+
+
+class LiveTeacher:
+    """Runs the frozen teacher on the same augmented images the student sees."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        self.teacher = teacher
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> Outputs:
+        return self.teacher(images)
+
+
+@dataclass
+class Augment:
+    seed: int
+    pad: int
+    hflip: bool
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        return augment_batch(images, sample_seeds(self.seed, epoch, indices).to(images.device), self.pad, self.hflip)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> Callable[[int], float]:
+    """Multiplier of the base lr at each step: linear warmup, then cosine down to ``min_lr``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))) / lr
+
+    return factor
+
+
+def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, tokens and position embeddings (1-d or timm's no_weight_decay)."""
+    decay, no_decay = [], []
+    for module in modules:
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_epoch(
+    *,
+    student: torch.nn.Module,
+    prep: torch.nn.Module,
+    method: Method,
+    teacher: TeacherSource | None,
+    split: DataSplit,
+    augment: Augment,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    desc: str = "",
+) -> dict:
+    """One epoch; returns the mean of every loss part, train accuracy, lr and images per second."""
+    torch.manual_seed(epoch_seed(cfg.seed, epoch))
+    student.train()
+    method.train()
+    method.on_epoch_start(epoch)
+    batches = epoch_batches(len(split), cfg.batch_size, epoch, cfg.seed, shuffle=True, drop_last=len(split) > cfg.batch_size)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    for step, idx in enumerate(bar):
+        images = augment(split.images[idx].to(device, non_blocking=True), idx, epoch)
+        target = split.labels[idx].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            t_out = teacher(images, idx, epoch) if teacher is not None else None
+            s_out = student_outputs(student, prep(images))
+            parts = method(s_out, t_out, target)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
+        optimizer.step()
+        scheduler.step()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0) + value.detach().float() * len(idx)
+        correct += (s_out["logits"].argmax(dim=1) == target).sum()
+        seen += len(idx)
+        if cfg.progress and (step % 10 == 0 or step == len(batches) - 1):
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{sums['loss'].item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen / elapsed:.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out = {("train_loss" if k == "loss" else f"loss_{k}"): (v / seen).item() for k, v in sums.items()}
+    out.update(train_top1=correct.item() / seen, lr=optimizer.param_groups[0]["lr"], img_s=seen / elapsed,
+               epoch_s=elapsed)
+    return out

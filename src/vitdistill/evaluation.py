@@ -1,0 +1,61 @@
+"""``eval`` and ``profile`` subcommands: score or measure a model given by name or by run directory."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitdistill.config import Config, build_config, load_yaml
+from vitdistill.engine.evaluate import accuracy, predict
+from vitdistill.engine.run import load_run_data
+from vitdistill.engine.runtime import pick_device
+from vitdistill.errors import UserError
+from vitdistill.models import InputPrep, Teacher, create_model
+from vitdistill.report.profile import profile_model
+
+
+def _run_config(run_dir: Path) -> Config:
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml); pass a model name with --weights")
+    return build_config([load_yaml(run_dir / "config.yaml")])
+
+
+def evaluate_cli(args: argparse.Namespace) -> dict:
+    """Top-1/top-5 on the test split, plus agreement with a teacher when one is given."""
+    run_dir = Path(args.student)
+    if run_dir.is_dir():
+        cfg = _run_config(run_dir)
+        name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, str(run_dir)
+    else:
+        if not args.weights:
+            raise UserError("eval needs --weights FILE with a model name (or pass a run directory as --student)")
+        if not args.data:
+            raise UserError("eval needs --data with a model name (or pass a run directory as --student)")
+        cfg, name, kwargs, weights = Config(), args.student, {}, args.weights
+    if args.data:
+        cfg.data.source = args.data
+    data = load_run_data(cfg)
+    device = pick_device(args.device)
+    model, _ = create_model(name, data.num_classes, data.img_size, kwargs, weights=weights)
+    model.to(device).eval()
+    prep = InputPrep.for_model(model).to(device)
+    logits = predict(lambda x: model(prep(x)), data.test, args.batch_size, device)
+    teacher_pred = None
+    if args.teacher:
+        tmodel, _ = create_model(args.teacher, data.num_classes, data.img_size, weights=args.teacher_weights)
+        teacher = Teacher(tmodel).to(device)
+        teacher_pred = predict(lambda x: teacher(x)["logits"], data.test, args.batch_size, device).argmax(1)
+    result = accuracy(logits, data.test.labels, teacher_pred)
+    return {"model": name, "data": cfg.data.source, "n": len(data.test), **result}
+
+
+def profile_cli(args: argparse.Namespace) -> dict:
+    """Parameters, FLOPs, latency at batch 1, throughput and peak memory at ``--batch``."""
+    run_dir = Path(args.model)
+    num_classes, kwargs, name = args.num_classes, {}, args.model
+    if run_dir.is_dir():
+        cfg = _run_config(run_dir)
+        name, kwargs = cfg.model.student, cfg.model.student_kwargs
+    model, _ = create_model(name, num_classes, args.img_size, kwargs)
+    size = InputPrep.for_model(model).size or args.img_size or 32
+    result = profile_model(model, (3, size, size), device=str(pick_device(args.device)), batch=args.batch)
+    return {"model": name, "img_size": size, **result}

@@ -1,0 +1,116 @@
+"""The method interface and the math every logit method shares.
+
+A method never runs the teacher. It declares what it needs (``teacher_outputs``) and receives it,
+so a live teacher, a teacher cache or a hand-made tensor in a test are the same to it. The engine
+never names a method: everything method-specific reaches the loop through this class.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vitdistill.errors import UserError
+from vitdistill.registry import Registry
+
+Outputs = dict[str, torch.Tensor]
+
+
+class Method(torch.nn.Module):
+    """Base of every distillation method.
+
+    Subclasses set ``name``, ``summary``, ``paper``, ``teacher_outputs`` and implement
+    :meth:`forward`, returning ``{"loss": total, <part>: value, ...}``; the engine logs every part.
+    Knobs are keyword arguments of ``__init__`` with the paper's defaults; ``label_smoothing`` comes
+    from the training config and applies to losses on ground-truth labels.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    teacher_outputs: ClassVar[tuple[str, ...]] = ()
+    needs_dist_token: ClassVar[bool] = False
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.teacher_outputs)
+
+    def check_student(self, student: torch.nn.Module, student_name: str) -> None:
+        """Raise a :class:`UserError` when the student cannot serve this method."""
+        from vitdistill.models.wrappers import has_dist_token
+
+        if self.needs_dist_token and not has_dist_token(student):
+            raise UserError(
+                f"method '{self.name}' needs a student with a distillation token, and '{student_name}' has "
+                "none; use deit_femto_distilled_patch4_16, deit_pico_distilled_patch4_32 or a timm "
+                "deit_*_distilled_* model"
+            )
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook for methods with stages; ``epoch`` counts from 0."""
+
+    def ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor) -> Outputs:
+        raise NotImplementedError
+
+
+def soft_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, normalize: str = "batchmean"
+) -> torch.Tensor:
+    """tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), the softened KD term of Hinton et al. 2015.
+
+    ``normalize="batchmean"`` divides the summed KL by the batch size (the true KL per sample);
+    ``normalize="elements"`` divides by batch * classes, as DeiT's reference loss does, which makes
+    the term C times smaller for C classes. The tau^2 factor keeps gradient scale independent of tau.
+    """
+    log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    if normalize == "batchmean":
+        denom = student_logits.shape[0]
+    elif normalize == "elements":
+        denom = student_logits.numel()
+    else:
+        raise ValueError(f"normalize must be 'batchmean' or 'elements', not {normalize!r}")
+    return kl * (tau * tau) / denom
+
+
+def heads(student: Outputs) -> list[torch.Tensor]:
+    """The student's classifier outputs: the class head, plus the distillation head if it has one."""
+    return [student[k] for k in ("logits", "dist_logits") if k in student]
+
+
+METHODS: Registry[type[Method]] = Registry("method", "vitdistill methods")
+
+
+def build_method(options: dict, label_smoothing: float = 0.0) -> Method:
+    """Instantiate a registered method from its config section, checking the knobs by name."""
+    options = dict(options)
+    cls = METHODS.get(options.pop("name"))
+    params = inspect.signature(cls.__init__).parameters
+    knobs = [p for p in params if p not in ("self", "label_smoothing")]
+    for key in options:
+        if key not in knobs:
+            listed = ", ".join(knobs) or "none"
+            raise UserError(f"method '{cls.name}' has no knob '{key}'; its knobs are: {listed}")
+    try:
+        return cls(label_smoothing=label_smoothing, **options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad knob for method '{cls.name}': {exc}") from None
+
+
+def method_knobs(cls: type[Method]) -> dict[str, object]:
+    """The knobs of a method with their defaults, for listings and docs."""
+    return {
+        n: p.default
+        for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n not in ("self", "label_smoothing")
+    }

@@ -1,0 +1,188 @@
+"""Create any timm model by name, plus a few tiny registered configs sized for small images on a CPU.
+
+A tiny config is only a timm architecture name and keyword overrides, so a student trained from one
+is rebuilt by ``timm.create_model(spec["name"], **spec["kwargs"])`` with no vitdistill import.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+from vitdistill.errors import UserError, did_you_mean
+from vitdistill.registry import Registry
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """A registered small model: a timm architecture, overrides, and an optional CNN stem change."""
+
+    arch: str
+    kwargs: dict
+    summary: str
+    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 16-32 px inputs
+
+
+TINY_MODELS: Registry[TinyConfig] = Registry("model", "vitdistill models")
+
+_VIT_FEMTO = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2)
+_VIT_PICO = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)
+for _name, _cfg in {
+    "vit_femto_patch4_16": TinyConfig("vit_tiny_patch16_224", _VIT_FEMTO, "ViT, 16 px, 16 patches, width 64, depth 4"),
+    "deit_femto_distilled_patch4_16": TinyConfig(
+        "deit_tiny_distilled_patch16_224", _VIT_FEMTO, "same with DeiT's distillation token"
+    ),
+    "vit_pico_patch4_32": TinyConfig("vit_tiny_patch16_224", _VIT_PICO, "ViT, 32 px, 64 patches, width 96, depth 6"),
+    "deit_pico_distilled_patch4_32": TinyConfig(
+        "deit_tiny_distilled_patch16_224", _VIT_PICO, "same with DeiT's distillation token"
+    ),
+    "resnet_small_cnn": TinyConfig(
+        "resnet18",
+        dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32),
+        "ResNet, 4 basic blocks, widths 32-256, 3x3 stem for 16-32 px",
+        small_stem=True,
+    ),
+    "resnet_micro_cnn": TinyConfig(
+        "resnet18",
+        dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16),
+        "ResNet, 4 basic blocks, widths 16-128, 3x3 stem for 8-32 px",
+        small_stem=True,
+    ),
+}.items():
+    TINY_MODELS.register(_name)(_cfg)
+
+
+def _apply_small_stem(model: torch.nn.Module) -> None:
+    # timm's ResNet stem (7x7/2 conv then max-pool) leaves 1x1 maps at 32 px; a 3x3/1 stem keeps detail.
+    old = model.conv1
+    model.conv1 = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = torch.nn.Identity()
+
+
+def model_spec(name: str, overrides: dict | None = None) -> dict:
+    """The timm name and keyword arguments that rebuild ``name`` (tiny configs resolved)."""
+    overrides = dict(overrides or {})
+    if name in TINY_MODELS:
+        tiny = TINY_MODELS.get(name)
+        return {"name": tiny.arch, "kwargs": {**tiny.kwargs, **overrides}, "small_stem": tiny.small_stem}
+    return {"name": name, "kwargs": overrides, "small_stem": False}
+
+
+def known_model(name: str) -> bool:
+    return name in TINY_MODELS or name in timm.list_models(pretrained=False)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    overrides: dict | None = None,
+    pretrained: bool = False,
+    weights: str | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Build a model and return it with its spec (what rebuilds it with timm alone).
+
+    ``img_size`` is passed only to architectures that take one (ViTs); CNNs accept any size.
+    """
+    if not known_model(name):
+        choices = list(TINY_MODELS) + timm.list_models(pretrained=False)
+        raise UserError(f"unknown model '{name}'{did_you_mean(name, choices)}; `vitdistill models` lists them")
+    spec = model_spec(name, overrides)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **spec["kwargs"]}
+    if img_size is not None and "img_size" not in (overrides or {}):
+        kwargs["img_size"] = img_size
+    try:
+        model = timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in kwargs or "img_size" not in str(exc):
+            raise UserError(f"model '{name}' does not take these overrides ({exc}); fix model.*_kwargs") from None
+        kwargs.pop("img_size")
+        model = timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as exc:
+        if pretrained:
+            raise UserError(
+                f"cannot fetch pretrained weights for '{name}' ({type(exc).__name__}); "
+                "pass a local file with --teacher-weights/--student-weights instead"
+            ) from None
+        raise
+    if spec["small_stem"]:
+        _apply_small_stem(model)
+    spec = {"name": spec["name"], "kwargs": kwargs, "small_stem": spec["small_stem"], "registered": name}
+    if weights:
+        load_weights(model, weights, name)
+    return model, spec
+
+
+def resolve_weights_path(path: str) -> Path:
+    """A weights file, or a run directory holding ``student.safetensors`` or ``model.safetensors``."""
+    p = Path(path)
+    if p.is_dir():
+        for candidate in ("student.safetensors", "model.safetensors"):
+            if (p / candidate).is_file():
+                return p / candidate
+        raise UserError(f"run directory '{path}' holds no student.safetensors or model.safetensors")
+    if not p.is_file():
+        raise UserError(f"weights file '{path}' does not exist; check the path")
+    return p
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read weights without executing pickled code (safetensors, or torch with weights_only=True)."""
+    p = resolve_weights_path(path)
+    try:
+        if p.suffix == ".safetensors":
+            return load_file(str(p))
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
+        raise UserError(f"cannot read weights '{p}' ({type(exc).__name__}); is it a safetensors or torch file?") from None
+    for key in ("student", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights '{p}' hold no state dict of tensors")
+    return obj
+
+
+def load_weights(model: torch.nn.Module, path: str, name: str) -> None:
+    """Load a state dict strictly; a mismatch is one line that says what does not fit."""
+    state = read_state_dict(path)
+    check_fits(model, state, f"weights '{path}'", name)
+    model.load_state_dict(state)
+
+
+def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        detail = []
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{k} is {list(state[k].shape)} but the model has {list(own[k].shape)}")
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise UserError(
+            f"{what} do not fit model '{name}': {'; '.join(detail)}; "
+            "use weights trained for this model and class count"
+        )
+
+
+def expected_input_size(model: torch.nn.Module) -> int | None:
+    """The square input size a model is fixed to (ViT patch embedding), or None when any size works."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "dynamic_img_size", False) or getattr(pe, "img_size", None) is None:
+        return None
+    return int(pe.img_size[0])
+
+
+def normalization(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))
