@@ -118,7 +118,7 @@ def epoch_batches(
         order = torch.randperm(n, generator=g)
     else:
         order = torch.arange(n)
-    batches = list(order.split(batch_size))
+    batches = list(order.split(batch_size)) if n else []
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches

@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -55,7 +54,8 @@ def load_cached(path: Path, fp: str) -> Dataset | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in _KEYS}
+            # clone: get_tensor maps the file, and an in-place edit of a mapped file kills the process
+            tensors = {k: f.get_tensor(k).clone() for k in _KEYS}
         if meta.get("format") != str(FORMAT_VERSION) or meta.get("fingerprint") != fp:
             raise ValueError("format or fingerprint mismatch")
         return Dataset(
@@ -91,20 +91,16 @@ def save_cached(path: Path, ds: Dataset) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        # a unique name per writer, so concurrent writers (e.g. DDP ranks) never share a temp file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as e:
+    except Exception as e:  # disk full, read-only cache dir, ...: the data in memory is still good
         warnings.warn(f"could not write data cache {path} ({e}); data will be decoded again next time", stacklevel=3)
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
-
-def split_tensors(images: torch.Tensor, labels: torch.Tensor) -> DataSplit:
-    """A split from possibly non-contiguous tensors (safetensors needs contiguous ones)."""
-    return DataSplit(images.contiguous(), labels.to(torch.int64).contiguous())

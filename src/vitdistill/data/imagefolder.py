@@ -34,14 +34,15 @@ _PROGRESS_MIN_IMAGES = 2000
 
 @dataclass
 class Entry:
-    """One image file: its path parts inside the source and its bytes (or where to read them)."""
+    """One image file: its path parts (re-rooted as the layout is resolved), its bytes or where to
+    read them, and its path inside the source as the user sees it (for messages)."""
 
     parts: tuple[str, ...]
     source: Path | bytes
+    name: str
 
-    @property
-    def name(self) -> str:
-        return "/".join(self.parts)
+    def rerooted(self, drop: int) -> Entry:
+        return Entry(self.parts[drop:], self.source, self.name)
 
 
 def is_archive(path: Path) -> bool:
@@ -63,7 +64,7 @@ def list_directory(root: Path) -> list[Entry]:
         for fn in sorted(filenames):
             parts = (*rel, fn)
             if _wanted(parts):
-                entries.append(Entry(parts, Path(dirpath) / fn))
+                entries.append(Entry(parts, Path(dirpath) / fn, "/".join(parts)))
     return entries
 
 
@@ -81,7 +82,7 @@ def read_archive(path: Path) -> list[Entry]:
                 if member.isfile() and parts and _wanted(parts):
                     f = tf.extractfile(member)
                     assert f is not None
-                    entries.append(Entry(parts, f.read()))
+                    entries.append(Entry(parts, f.read(), "/".join(parts)))
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise UserError(f"cannot read archive {path}: {e}; re-create or re-download it") from e
@@ -91,7 +92,7 @@ def read_archive(path: Path) -> list[Entry]:
 def strip_common_root(entries: list[Entry]) -> list[Entry]:
     """Drop leading folders shared by every file while at least ``<folder>/<file>`` remains."""
     while entries and all(len(e.parts) >= 3 for e in entries) and len({e.parts[0] for e in entries}) == 1:
-        entries = [Entry(e.parts[1:], e.source) for e in entries]
+        entries = [e.rerooted(1) for e in entries]
     return entries
 
 
@@ -102,8 +103,10 @@ def split_layout(entries: list[Entry]) -> tuple[list[Entry], list[Entry]] | None
     if "train" not in tops or not ({"test", "val"} & tops):
         return None
     test_name = "test" if "test" in tops else "val"
-    pick = lambda name: [Entry(e.parts[1:], e.source) for e in entries  # noqa: E731
-                         if len(e.parts) >= 3 and e.parts[0].lower() == name]
+
+    def pick(split: str) -> list[Entry]:
+        return [e.rerooted(1) for e in entries if len(e.parts) >= 3 and e.parts[0].lower() == split]
+
     return pick("train"), pick(test_name)
 
 

@@ -25,6 +25,7 @@ from .imagefolder import (
 
 DATA_SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+SPLIT_SEED = 0
 _DIGITS_SIZE = 16
 _DIGITS_TEST_FRACTION = 0.2
 # Customary augmentation per source: (pad, hflip). Digits are not mirror-symmetric.
@@ -43,10 +44,12 @@ def load_data(
 
     ``img_size`` resizes every image once at load (default: the source's own size; 16 for digits).
     ``val_fraction`` is the per-class held-out share for an ImageFolder without ``train/`` and
-    ``test/`` folders. ``seed`` seeds such held-out splits (and the digits split); it is a *split*
-    seed, not the run seed: keep it fixed so the test set stays the same across runs.
+    ``test/`` folders. ``seed`` is accepted for callers that pass the run seed, and deliberately
+    ignored: held-out splits (and the digits split) always use the fixed :data:`SPLIT_SEED`, so the
+    test set never moves between runs and results stay comparable across seeds.
     ``cache_dir`` defaults to ``$VITDISTILL_CACHE`` or ``~/.cache/vitdistill``.
     """
+    del seed
     kind, _, arg = str(spec).partition(":")
     kind = kind.strip().lower()
     if kind not in DATA_SOURCES:
@@ -59,7 +62,7 @@ def load_data(
     if kind == "digits":
         if arg:
             raise UserError(f"the digits data set is built in and takes no path; use 'digits', not '{spec}'")
-        return _load_digits(img_size, seed)
+        return _load_digits(img_size)
     if not arg.strip():
         raise UserError(f"data source '{kind}' needs a path: '{kind}:PATH'")
     path = Path(arg.strip()).expanduser()
@@ -69,7 +72,7 @@ def load_data(
         raise UserError(f"data path '{path}' does not exist; point '{kind}:' at {what}")
     path = path.resolve()
     if kind == "imagefolder":
-        return _load_imagefolder(path, cache_dir, img_size, val_fraction, seed)
+        return _load_imagefolder(path, cache_dir, img_size, val_fraction)
     return _load_cifar(kind, path, cache_dir, img_size)
 
 
@@ -112,17 +115,17 @@ def resize_uint8(images: torch.Tensor, side: int, chunk: int = 4096) -> torch.Te
     return torch.cat(out) if out else images.new_empty((0, images.shape[1], side, side))
 
 
-def _load_digits(img_size: int | None, seed: int) -> Dataset:
+def _load_digits(img_size: int | None) -> Dataset:
     """scikit-learn's 8x8 digits (1,797 images), upsampled once: a real task that trains in seconds."""
     from sklearn.datasets import load_digits
 
     side = img_size or _DIGITS_SIZE
-    fp = fingerprint({"kind": "digits", "img_size": side, "test_fraction": _DIGITS_TEST_FRACTION, "split_seed": seed})
+    fp = fingerprint({"kind": "digits", "img_size": side, "test_fraction": _DIGITS_TEST_FRACTION})
     d = load_digits()
     gray = torch.from_numpy(np.round(d.images * 255.0 / 16.0)).to(torch.uint8)
     images = resize_uint8(gray[:, None].expand(-1, 3, -1, -1), side)
     labels = torch.from_numpy(d.target).to(torch.int64)
-    tr, te = heldout_split(labels, _DIGITS_TEST_FRACTION, seed)
+    tr, te = heldout_split(labels, _DIGITS_TEST_FRACTION, SPLIT_SEED)
     return Dataset(
         name="digits", classes=[str(i) for i in range(10)],
         train=DataSplit(images[tr].contiguous(), labels[tr]), test=DataSplit(images[te].contiguous(), labels[te]),
@@ -139,7 +142,7 @@ def _archive_stem(path: Path) -> str:
 
 
 def _load_imagefolder(
-    path: Path, cache_dir: str | os.PathLike[str] | None, img_size: int | None, val_fraction: float, seed: int
+    path: Path, cache_dir: str | os.PathLike[str] | None, img_size: int | None, val_fraction: float
 ) -> Dataset:
     if path.is_dir():
         entries: list[Entry] | None = list_directory(path)
@@ -151,7 +154,7 @@ def _load_imagefolder(
             f"'{path}' is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; "
             "point 'imagefolder:' at an ImageFolder layout")
     fp = fingerprint({"kind": "imagefolder", "path": str(path), "inputs": inputs, "img_size": img_size,
-                      "val_fraction": val_fraction, "split_seed": seed})
+                      "val_fraction": val_fraction})
 
     def build() -> Dataset:
         found = entries if entries is not None else read_archive(path)
@@ -163,7 +166,7 @@ def _load_imagefolder(
             return _build(_archive_stem(path), layout[0], layout[1], (path, path), img_size, fp, _NATURAL_AUG)
         pool = strip_common_root(found)
         return _build(_archive_stem(path), pool, None, (path, path), img_size, fp, _NATURAL_AUG,
-                      val_fraction=val_fraction, seed=seed)
+                      val_fraction=val_fraction)
 
     return _cached(fp, cache_dir, build)
 
@@ -177,7 +180,6 @@ def _build(
     fp: str,
     aug: tuple[int, bool],
     val_fraction: float = 0.1,
-    seed: int = 0,
 ) -> Dataset:
     """Decode class-folder entries into a Dataset; ``test_entries=None`` means split ``train_entries``."""
     train_entries = class_entries(train_entries)
@@ -193,7 +195,7 @@ def _build(
     train = DataSplit(stack(tr_arr, side), torch.tensor(tr_lab, dtype=torch.int64))
     test = DataSplit(stack(te_arr, side), torch.tensor(te_lab, dtype=torch.int64))
     if test_entries is None:
-        tr, te = heldout_split(train.labels, val_fraction, seed)
+        tr, te = heldout_split(train.labels, val_fraction, SPLIT_SEED)
         if len(te) == 0:
             raise UserError(
                 f"too few images in {where[0]} for a held-out split (a class needs at least 2); "

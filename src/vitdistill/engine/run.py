@@ -39,8 +39,7 @@ def _subset(split: DataSplit, limit: int | None) -> DataSplit:
 
 def load_run_data(cfg: Config) -> Dataset:
     d = cfg.data
-    data = load_data(d.source, cache_dir=d.cache_dir, img_size=d.img_size, val_fraction=d.val_fraction,
-                     seed=cfg.train.seed)
+    data = load_data(d.source, cache_dir=d.cache_dir, img_size=d.img_size, val_fraction=d.val_fraction)
     data.train = _subset(data.train, d.train_limit)
     data.test = _subset(data.test, d.test_limit)
     return data

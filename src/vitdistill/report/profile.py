@@ -45,8 +45,8 @@ class _TensorMemoryTracker(TorchDispatchMode):
     """Tracks the bytes of live tensor storages created while the mode is active.
 
     Each new output storage is counted once (keyed by its data pointer, so views are free) and
-    uncounted by a ``weakref.finalize`` when the storage is released. PyTorch keeps one Python object
-    per storage alive as long as the storage itself, so the finalizer fires at the true free.
+    uncounted by a ``weakref.finalize`` when the storage is released. PyTorch keeps one Python
+    object per storage alive as long as the storage itself, so the finalizer fires at the true free.
     Storages that exist before the forward (weights, the input) are passed as ``static`` and never
     counted here, since a view of a weight allocates nothing.
     """
@@ -104,7 +104,7 @@ def _peak_mem_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def _median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of ``fn``; the median ignores the odd scheduler hiccup a mean would absorb."""
+    """Median wall time of ``fn``: the median ignores scheduler hiccups a mean would absorb."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -142,9 +142,9 @@ def profile_model(
 ) -> dict:
     """Measure what a model costs at inference, the figures a compression report compares.
 
-    Everything runs in eval mode under ``torch.inference_mode`` (the deployment setting, and the only
-    one in which DeiT's distilled model returns a single output). Every submodule's train/eval mode
-    and the model's device are restored afterwards, so profiling in the middle of a run changes nothing.
+    Everything runs in eval mode under ``torch.inference_mode``: the deployment setting, and the
+    only one in which DeiT's distilled model returns a single output. Every submodule's train/eval
+    mode and the model's device are restored afterwards, so profiling mid-run changes nothing.
 
     Returns a dict with:
 
@@ -153,7 +153,7 @@ def profile_model(
       a batch of 1. It counts a multiply-add as 2 FLOPs (a ``Linear(16, 8)`` is 256), the convention
       of most recent papers; halve it to compare with "MACs" tables. Only operations the counter
       knows (matmuls, convolutions, attention) are counted; elementwise ops are not.
-    - ``latency_ms_b1``: median of ``iters`` timed forwards at batch 1, after ``warmup`` untimed ones.
+    - ``latency_ms_b1``: median of ``iters`` timed forwards at batch 1, after ``warmup`` untimed.
     - ``throughput_img_s``: images per second at batch ``batch`` (from the median batch time).
     - ``peak_mem_mb``: peak memory (MiB) of one forward at batch ``batch``. On CUDA this is
       ``torch.cuda.max_memory_allocated``. On CPU it is an estimate of tensor memory, not process
@@ -163,7 +163,7 @@ def profile_model(
 
     With ``measure_time=False`` the two timings are ``None`` (fast enough for tests and CI).
     """
-    # Per module, since a model may hold parts deliberately left in eval (a frozen teacher, frozen BN).
+    # Per module: a model may hold parts deliberately left in eval (a frozen teacher, frozen BN).
     modes = {m: m.training for m in model.modules()}
     home = _home_device(model)
     dev = torch.device(device)

@@ -158,6 +158,7 @@ def write_run_report(
     lines = [f"# Distillation report: {title or run_dir.name}", ""]
     lines += ["## Summary", "", _summary_table(summary), ""]
     lines += ["## Per-epoch metrics", ""]
-    lines += [markdown_table(metrics, _epoch_columns(metrics)) if metrics else "No epochs logged.", ""]
+    epochs = markdown_table(metrics, _epoch_columns(metrics)) if metrics else "No epochs logged."
+    lines += [epochs, ""]
     lines += ["## Learning curves", "", "![learning curves](report.png)", ""]
     _atomic_write(run_dir / "report.md", "\n".join(lines).encode("utf-8"))

@@ -28,9 +28,9 @@ def format_value(key: str, value: Any) -> str:
 
     Rows keep accuracies as fractions in 0..1 (what the engine computes); readers expect
     ``93.41``, so keys ending in ``top1``, ``top5`` or ``agreement`` are shown x100 with 2 decimals.
-    Integers above 10,000 (parameters, FLOPs) get a unit; floats keep 2 decimals from 1 up, 4 below
-    1, and 3 significant digits below 0.01, so a small loss or a learning rate of 5e-05 is not
-    flattened to 0.00.
+    Numbers above 10,000 (parameters, FLOPs, img/s) get a unit; floats keep 2 decimals from 1 up,
+    4 below 1, and 3 significant digits below 0.01, so a small loss or a learning rate of 5e-05 is
+    not flattened to 0.00.
     """
     if value is None:
         return MISSING
