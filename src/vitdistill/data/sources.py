@@ -38,18 +38,16 @@ def load_data(
     cache_dir: str | os.PathLike[str] | None = None,
     img_size: int | None = None,
     val_fraction: float = 0.1,
-    seed: int = 0,
 ) -> Dataset:
     """Load a data set from a spec such as ``digits`` or ``imagefolder:/data/flowers.tar.gz``.
 
     ``img_size`` resizes every image once at load (default: the source's own size; 16 for digits).
     ``val_fraction`` is the per-class held-out share for an ImageFolder without ``train/`` and
-    ``test/`` folders. ``seed`` is accepted for callers that pass the run seed, and deliberately
-    ignored: held-out splits (and the digits split) always use the fixed :data:`SPLIT_SEED`, so the
-    test set never moves between runs and results stay comparable across seeds.
+    ``test/`` folders. Held-out splits (and the digits split) always use the fixed
+    :data:`SPLIT_SEED`, never the run seed, so the test set never moves between runs and results
+    stay comparable across seeds.
     ``cache_dir`` defaults to ``$VITDISTILL_CACHE`` or ``~/.cache/vitdistill``.
     """
-    del seed
     kind, _, arg = str(spec).partition(":")
     kind = kind.strip().lower()
     if kind not in DATA_SOURCES:
