@@ -6,6 +6,7 @@ its run directory and can be re-run with ``--config runs/NAME/config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,24 @@ def _fill(obj: Any, values: dict, prefix: str) -> None:
             setattr(obj, key, _check_type(dotted, value, hints[key]))
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``; people write both)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _safe_load(text: str) -> object:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config with ``safe_load`` (no tags that execute code)."""
     p = Path(path)
@@ -130,7 +149,7 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise UserError(f"cannot read config '{path}': {exc.strerror}; check the path") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config '{path}' is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
     if not isinstance(data, dict):
@@ -144,7 +163,7 @@ def parse_override(text: str) -> dict:
         raise UserError(f"override '{text}' must look like key.path=value, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     nested: dict = {}

@@ -71,8 +71,10 @@ def soft_kl(
     ``normalize="elements"`` divides by batch * classes, as DeiT's reference loss does, which makes
     the term C times smaller for C classes. The tau^2 factor keeps gradient scale independent of tau.
     """
-    log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    # at least float32 (half-precision softmax loses the tail), but keep float64 when given
+    dt = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    log_p_s = F.log_softmax(student_logits.to(dt) / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(dt) / tau, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
     if normalize == "batchmean":
         denom = student_logits.shape[0]

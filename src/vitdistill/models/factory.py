@@ -160,6 +160,15 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    n_cls = getattr(model, "num_classes", None)
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    for k in shapes:
+        if k.rsplit(".", 1)[0] in heads and state[k].shape[0] != n_cls:
+            raise UserError(
+                f"{what} do not fit model '{name}': they have {state[k].shape[0]} classes ({k}) but the data "
+                f"has {n_cls}; use a teacher and student trained for this data's classes"
+            )
     if missing or unexpected or shapes:
         detail = []
         if shapes:
