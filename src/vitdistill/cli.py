@@ -1,4 +1,4 @@
-"""The ``vitdistill`` command: train, distill, eval, profile, demo, methods, models.
+"""The ``vitdistill`` command: train, distill, cache-teacher, eval, profile, demo, methods, models.
 
 Every training option is also a config key: ``--config FILE`` then the flags then ``--set a.b=v``,
 later layers winning. A user error prints one line and exits with code 2.
@@ -21,8 +21,9 @@ _COMMON = {
 }
 _DISTILL = {
     "teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "student": "model.student",
-    "student_weights": "model.student_weights", "method": "method.name",
+    "student_weights": "model.student_weights", "method": "method.name", "teacher_cache": "cache.dir",
 }
+_CACHE = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "topk": "cache.topk"}
 _TRAIN = {"model": "model.student", "weights": "model.student_weights"}
 
 
@@ -48,19 +49,21 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     return build_config(layers)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     p.add_argument("--config", help="YAML config file (every option below is also a key there)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--data", help="digits | cifar10:DIR | cifar100:DIR | imagefolder:PATH")
-    p.add_argument("--out", help="run directory (default runs/<mode>-<method>-<model>)")
+    if run_dir:
+        p.add_argument("--out", help="run directory (default runs/<mode>-<method>-<model>)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    if run_dir:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch stays)")
 
 
@@ -85,6 +88,17 @@ def _print_summary(summary: dict) -> None:
     keys = ["method", "student", "student_top1", "teacher", "teacher_top1", "agreement", "params", "flops",
             "latency_ms_b1", "wall_s"]
     print(json.dumps({k: summary.get(k) for k in keys if summary.get(k) is not None}))
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from vitdistill.engine.setup import cache_teacher
+
+    cfg = resolve_config(args, {**_COMMON, **_CACHE})
+    cache_dir = args.cache or cfg.cache.dir
+    if not cache_dir:
+        raise UserError("cache-teacher needs --cache DIR, the folder to write the teacher cache to")
+    print(json.dumps(cache_teacher(cfg, cache_dir)))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -149,7 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", help="student model name")
     p.add_argument("--student-weights", help="initial student weights")
     p.add_argument("--method", help="distillation method; `vitdistill methods` lists them")
+    p.add_argument("--teacher-cache", help="replay a teacher cache written by `vitdistill cache-teacher`")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("cache-teacher", help="store the teacher's top-k outputs for every sample and epoch")
+    _add_common(p, run_dir=False)
+    p.add_argument("--teacher", help="teacher model name")
+    p.add_argument("--teacher-weights", help="teacher weights (safetensors, torch file or run directory)")
+    p.add_argument("--topk", type=int, help="logits kept per sample and epoch (default 10)")
+    p.add_argument("--cache", help="folder of the cache (written, or resumed when it exists)")
+    p.set_defaults(func=cmd_cache_teacher)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model (and agreement with a teacher)")
     p.add_argument("--student", required=True, help="a run directory, or a model name with --weights")

@@ -59,12 +59,20 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str | None = None  # a teacher cache to replay instead of running the teacher (TinyViT)
+    topk: int = 10  # logits kept per sample and epoch (clipped to the class count)
+    value_dtype: str = "float16"  # float16 (TinyViT's size) | float32 (bit-exact targets)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # name plus the method's own knobs; the knobs are checked against the method's signature
     method: dict = field(default_factory=lambda: {"name": "none"})
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     out: str | None = None
 
     def to_dict(self) -> dict:

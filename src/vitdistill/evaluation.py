@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vitdistill.config import Config, build_config, load_yaml
 from vitdistill.engine.evaluate import accuracy, predict
-from vitdistill.engine.run import load_run_data
+from vitdistill.engine.setup import load_run_data
 from vitdistill.engine.runtime import pick_device
 from vitdistill.errors import UserError
 from vitdistill.models import InputPrep, Teacher, create_model

@@ -13,45 +13,21 @@ from pathlib import Path
 import torch
 
 from vitdistill.config import Config
-from vitdistill.data import DataSplit, Dataset, load_data
+from vitdistill.data import DataSplit
 from vitdistill.engine import io
 from vitdistill.engine.evaluate import accuracy, predict
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
-from vitdistill.engine.trainer import Augment, LiveTeacher, param_groups, train_epoch, warmup_cosine
+from vitdistill.engine.setup import augment_for, load_run_data, teacher_side
+from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
-from vitdistill.models import InputPrep, Teacher, create_model, prepare_student
+from vitdistill.models import InputPrep, create_model, prepare_student
 from vitdistill.models.factory import check_fits
 from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
 # Keys that may change between a run and its resume without changing its result.
 _RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("out",)}
-
-
-def _subset(split: DataSplit, limit: int | None) -> DataSplit:
-    if not limit or limit >= len(split):
-        return split
-    g = torch.Generator().manual_seed(0)
-    keep = torch.randperm(len(split), generator=g)[:limit].sort().values
-    return DataSplit(split.images[keep], split.labels[keep])
-
-
-def load_run_data(cfg: Config) -> Dataset:
-    d = cfg.data
-    data = load_data(d.source, cache_dir=d.cache_dir, img_size=d.img_size, val_fraction=d.val_fraction)
-    data.train = _subset(data.train, d.train_limit)
-    data.test = _subset(data.test, d.test_limit)
-    return data
-
-
-def build_teacher(cfg: Config, data: Dataset) -> tuple[Teacher, dict]:
-    m = cfg.model
-    if not m.teacher:
-        raise UserError(f"method '{cfg.method['name']}' needs a teacher; pass --teacher NAME --teacher-weights FILE")
-    img_size = None if m.pretrained else data.img_size
-    model, spec = create_model(m.teacher, data.num_classes, img_size, m.teacher_kwargs, m.pretrained, m.teacher_weights)
-    return Teacher(model), spec
 
 
 def _comparable(cfg: dict) -> dict:
@@ -88,13 +64,11 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
                                  cfg.model.pretrained, cfg.model.student_weights)
     method.check_student(student, cfg.model.student)
     prepare_student(student)
-    teacher, teacher_spec = build_teacher(cfg, data) if method.needs_teacher else (None, None)
+    side = teacher_side(cfg, data, method, device) if method.needs_teacher else None
 
     student.to(device)
     method.to(device)
     prep = InputPrep.for_model(student).to(device)
-    if teacher is not None:
-        teacher.to(device)
     optimizer = torch.optim.AdamW(param_groups([student, method], cfg.train.weight_decay), lr=cfg.train.lr,
                                   foreach=True)
     n_train = len(data.train)
@@ -123,18 +97,15 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", cfg.to_yaml())
     data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
-    pad = data.pad if cfg.data.pad is None else cfg.data.pad
-    hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
-    augment = Augment(cfg.train.seed, pad, hflip)
-    source = LiveTeacher(teacher) if teacher is not None else None
+    augment = augment_for(cfg, data)
+    source = side.source if side is not None else None
 
     def student_eval(images: torch.Tensor) -> torch.Tensor:
         return student(prep(images))
 
     teacher_pred, teacher_acc = None, None
-    if teacher is not None:
-        t_logits = predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
-        teacher_pred, teacher_acc = t_logits.argmax(1), accuracy(t_logits, data.test.labels)
+    if side is not None and side.test_logits is not None:
+        teacher_pred, teacher_acc = side.test_logits.argmax(1), accuracy(side.test_logits, data.test.labels)
 
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -164,7 +135,8 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
     final = metrics[-1] if metrics else {}
     summary = {
         "mode": mode, "method": method.name, "data": cfg.data.source, "student": cfg.model.student,
-        "teacher": cfg.model.teacher if teacher is not None else None,
+        "teacher": (cfg.model.teacher or getattr(side.source, "header", {}).get("teacher")) if side else None,
+        "teacher_cache": cfg.cache.dir if side else None,
         "student_top1": final.get("test_top1"), "student_top5": final.get("test_top5"),
         "agreement": final.get("test_agreement"),
         "teacher_top1": teacher_acc["top1"] if teacher_acc else None,
@@ -173,11 +145,11 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
     input_size = (data.in_chans, data.img_size, data.img_size)
     prof = profile_model(student, input_size, device=str(device))
     summary.update({k: prof[k] for k in ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")})
-    if teacher is not None:
-        t_size = teacher.prep.size or data.img_size
-        tprof = profile_model(teacher.model, (data.in_chans, t_size, t_size), device=str(device))
+    if side is not None and side.model is not None:
+        t_size = side.model.prep.size or data.img_size
+        tprof = profile_model(side.model.model, (data.in_chans, t_size, t_size), device=str(device))
         summary.update({f"teacher_{k}": tprof[k] for k in ("params", "flops", "latency_ms_b1")})
-        summary["teacher_spec"] = teacher_spec
+        summary["teacher_spec"] = side.spec
     io.write_json(out / "summary.json", summary)
     write_run_report(out, metrics, summary)
     return summary

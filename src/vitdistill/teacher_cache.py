@@ -1,0 +1,248 @@
+"""Teacher cache: TinyViT's stored teacher outputs, for every method that needs only logits.
+
+Wu et al., *TinyViT: Fast Pretraining Distillation for Small Vision Transformers*, ECCV 2022.
+The teacher runs once per (sample, epoch) on exactly the augmented image training will see; its
+top-k log-probabilities are stored, and training rebuilds the teacher's distribution from them
+instead of running the teacher:
+
+    p_i = exp(v_i)                         for the k stored classes
+    p_j = (1 - sum_i p_i) / (C - k)        for every other class (spread evenly, as TinyViT does)
+
+and hands ``log p`` to the method as the teacher's ``logits``. Softmax is invariant to the constant
+that separates log-probabilities from logits, so with k = C every temperature-softened target is
+the live teacher's, up to the rounding of the stored values.
+
+Layout of a cache directory (readable without vitdistill, see docs/teacher_cache.md):
+
+    header.json                 what the cache is valid for; checked field by field before use
+    epoch_0000.safetensors      "values" [N, k] float16 log-probs, "indices" [N, k] uint8/int16/int32
+    ...                         metadata: epoch, header digest, sha256 of the two arrays
+    test.safetensors            "logits" [N_test, C] float32 of the teacher on the plain test split
+
+No augmentation seed is stored: the data layer's seeds are a pure function of (run seed, epoch,
+sample index), so the header records the run seed and a digest of the seed function's output,
+and a changed seed function is caught, not silently replayed. That is 4 bytes per sample and
+epoch fewer than TinyViT.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vitdistill.data import DataSplit, sample_seeds
+from vitdistill.engine import io
+from vitdistill.errors import UserError
+
+FORMAT_VERSION = 1
+# Fields that must match between a cache and the run that uses it (epochs is checked as >=).
+MATCH_FIELDS = ("format", "teacher", "teacher_hash", "data", "train_limit", "num_samples", "num_classes",
+                "pad", "hflip", "seed", "seed_digest", "topk", "value_dtype")
+# What a run that replays the cache must share with it; top-k and value type are the cache's own.
+REPLAY_FIELDS = tuple(f for f in MATCH_FIELDS if f not in ("topk", "value_dtype"))
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer type that holds every class index."""
+    if num_classes <= 256:
+        return torch.uint8
+    return torch.int16 if num_classes <= 32768 else torch.int32
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names, shapes, bytes): which teacher a cache belongs to."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def seed_digest(run_seed: int, num_samples: int) -> str:
+    """Digest of the augmentation seeds of epochs 0 and 1, to catch a changed seed function."""
+    idx = torch.arange(num_samples)
+    h = hashlib.sha256()
+    for epoch in (0, 1):
+        h.update(sample_seeds(run_seed, epoch, idx).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def make_header(*, teacher: str, teacher_hash: str, data_fingerprint: str, train_limit: int | None,
+                num_samples: int, num_classes: int, pad: int, hflip: bool, seed: int, epochs: int, topk: int,
+                value_dtype: str) -> dict:
+    if value_dtype not in _DTYPES:
+        raise UserError(f"cache value dtype must be float16 or float32, not '{value_dtype}'")
+    if not 1 <= topk <= num_classes:
+        raise UserError(f"cache top-k must lie in 1..{num_classes} (the class count), not {topk}")
+    return {"format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "data": data_fingerprint,
+            "train_limit": train_limit, "num_samples": num_samples, "num_classes": num_classes, "pad": pad,
+            "hflip": hflip, "seed": seed, "seed_digest": seed_digest(seed, num_samples), "topk": topk,
+            "value_dtype": value_dtype, "epochs": epochs}
+
+
+def header_digest(header: dict) -> str:
+    core = {k: header[k] for k in MATCH_FIELDS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def check_header(found: dict, wanted: dict, where: Path, fields: tuple[str, ...] = MATCH_FIELDS) -> None:
+    """A cache built for another teacher, data, augmentation or seed is an error naming the field."""
+    for key in fields:
+        if found.get(key) != wanted.get(key):
+            raise UserError(
+                f"teacher cache '{where}' was made for {key}={found.get(key)!r}, this run has {wanted.get(key)!r}; "
+                "rebuild it with `vitdistill cache-teacher` for this run's config, or use a matching config"
+            )
+    if found["epochs"] < wanted["epochs"]:
+        raise UserError(f"teacher cache '{where}' holds {found['epochs']} epochs, this run needs {wanted['epochs']}; "
+                        "rebuild it with --epochs at least that")
+
+
+def _digest(values: torch.Tensor, indices: torch.Tensor) -> str:
+    h = hashlib.sha256(values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(indices.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def shard_path(cache_dir: Path, epoch: int) -> Path:
+    return cache_dir / f"epoch_{epoch:04d}.safetensors"
+
+
+def read_shard(path: Path, digest: str, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Open one epoch's shard (memory-mapped by safetensors) and verify it; corruption names the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            values, indices = f.get_tensor("values"), f.get_tensor("indices")
+    except FileNotFoundError:
+        raise UserError(f"teacher cache shard '{path}' is missing; rerun `vitdistill cache-teacher` to write it") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise UserError(f"teacher cache shard '{path}' is corrupt ({type(exc).__name__}); delete it and rerun "
+                        "`vitdistill cache-teacher` to rewrite it") from None
+    if meta.get("header") != digest or meta.get("epoch") != str(epoch):
+        raise UserError(f"teacher cache shard '{path}' belongs to another cache; delete it and rerun cache-teacher")
+    if meta.get("sha256") != _digest(values, indices):
+        raise UserError(f"teacher cache shard '{path}' is corrupt (checksum mismatch); delete it and rerun "
+                        "`vitdistill cache-teacher` to rewrite it")
+    return values, indices
+
+
+def shard_is_valid(path: Path, digest: str, epoch: int) -> bool:
+    try:
+        read_shard(path, digest, epoch)
+        return True
+    except UserError:
+        return False
+
+
+def rebuild_log_probs(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The teacher's log-distribution from its top-k log-probs, the rest spread evenly (TinyViT)."""
+    v = values.float()
+    k = v.shape[1]
+    out = torch.empty(v.shape[0], num_classes, device=v.device)
+    if k < num_classes:
+        rest = (1.0 - v.exp().sum(dim=1, keepdim=True)).clamp_min(1e-12) / (num_classes - k)
+        out.copy_(rest.log().expand(-1, num_classes))
+    return out.scatter_(1, indices.long(), v)
+
+
+def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: DataSplit, augment,
+                batch_size: int, device: torch.device, progress: bool = True,
+                test: DataSplit | None = None) -> dict:
+    """Write (or resume) a cache: every epoch whose shard is missing or invalid is (re)computed."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    head = cache_dir / "header.json"
+    if head.exists():
+        old = json.loads(head.read_text())
+        if {k: old.get(k) for k in MATCH_FIELDS} != {k: header[k] for k in MATCH_FIELDS}:
+            check_header(old, header, cache_dir)  # raises, naming the first field that differs
+        header = {**header, "epochs": max(header["epochs"], old["epochs"])}
+    io.write_json(head, header)
+    digest = header_digest(header)
+    k, n, vdtype = header["topk"], header["num_samples"], _DTYPES[header["value_dtype"]]
+    idtype = index_dtype(header["num_classes"])
+    todo = [e for e in range(header["epochs"]) if not shard_is_valid(shard_path(cache_dir, e), digest, e)]
+    written = 0
+    bar = tqdm(total=len(todo) * n, desc="cache-teacher", unit="img", disable=not progress, dynamic_ncols=True)
+    for epoch in todo:
+        values = torch.empty(n, k, dtype=vdtype)
+        indices = torch.empty(n, k, dtype=idtype)
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            images = augment(split.images[idx].to(device, non_blocking=True), idx, epoch)
+            logp = torch.log_softmax(teacher(images)["logits"].float(), dim=1)
+            top = logp.topk(k, dim=1)
+            values[idx] = top.values.to(vdtype).cpu()
+            indices[idx] = top.indices.to(idtype).cpu()
+            bar.update(len(idx))
+        meta = {"epoch": str(epoch), "header": digest, "sha256": _digest(values, indices)}
+        io.atomic_write(shard_path(cache_dir, epoch),
+                        lambda tmp, v=values, i=indices, m=meta: save_file({"values": v, "indices": i}, tmp, m))
+        written += 1
+    bar.close()
+    if test is not None and not (cache_dir / "test.safetensors").exists():
+        with torch.no_grad():
+            logits = torch.cat([teacher(test.images[s:s + batch_size].to(device))["logits"].float().cpu()
+                                for s in range(0, len(test), batch_size)])
+        io.atomic_write(cache_dir / "test.safetensors",
+                        lambda tmp: save_file({"logits": logits}, tmp, {"header": digest}))
+    return {"dir": str(cache_dir), "epochs": header["epochs"], "written": written,
+            "bytes_per_sample_epoch": k * (torch.finfo(vdtype).bits // 8 + torch.iinfo(idtype).bits // 8)}
+
+
+def read_header(cache_dir: Path) -> dict:
+    head = cache_dir / "header.json"
+    if not head.is_file():
+        raise UserError(f"'{cache_dir}' is not a teacher cache (no header.json); write one with `vitdistill cache-teacher`")
+    try:
+        return json.loads(head.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"teacher cache header '{head}' is corrupt; rerun `vitdistill cache-teacher`") from None
+
+
+class CachedTeacher:
+    """A teacher source that replays a cache: the teacher never runs during training."""
+
+    provides = ("logits",)
+
+    def __init__(self, cache_dir: Path, wanted: dict, device: torch.device) -> None:
+        self.dir = Path(cache_dir)
+        self.header = read_header(self.dir)
+        check_header(self.header, wanted, self.dir, REPLAY_FIELDS)
+        self.digest = header_digest(self.header)
+        self.device = device
+        self.num_classes = self.header["num_classes"]
+        self._epoch: int | None = None
+
+    def _load(self, epoch: int) -> None:
+        values, indices = read_shard(shard_path(self.dir, epoch), self.digest, epoch)
+        self._values, self._indices = values.to(self.device), indices.to(self.device)
+        self._epoch = epoch
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        if epoch != self._epoch:
+            self._load(epoch)
+        idx = indices.to(self.device)
+        return {"logits": rebuild_log_probs(self._values[idx], self._indices[idx], self.num_classes)}
+
+    def test_logits(self) -> torch.Tensor | None:
+        path = self.dir / "test.safetensors"
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("logits")
+
+
+def cache_size_bytes(cache_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(cache_dir).glob("epoch_*.safetensors"))
+
+
+__all__ = ["CachedTeacher", "write_cache", "make_header", "rebuild_log_probs", "index_dtype", "state_hash",
+           "read_shard", "read_header", "check_header", "cache_size_bytes"]

@@ -1,0 +1,216 @@
+"""Teacher cache: exact augmentation replay, rebuilt targets, resume, integrity checks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from vitdistill import teacher_cache as tc
+from vitdistill.config import build_config
+from vitdistill.data import DataSplit
+from vitdistill.engine.setup import augment_for, build_teacher, cache_header, cache_teacher, load_run_data
+from vitdistill.errors import UserError
+from vitdistill.methods import build_method
+
+LIMIT = 96
+
+
+def _cfg(teacher_run: Path, **train) -> "object":
+    return build_config([{
+        "data": {"source": "digits", "train_limit": LIMIT, "test_limit": 64},
+        "model": {"teacher": "resnet_micro_cnn", "teacher_weights": str(teacher_run)},
+        "train": {"epochs": 2, "eval_batch_size": 40, "progress": False, **train},
+        "cache": {"value_dtype": "float32"},
+    }])
+
+
+def test_rebuild_is_tinyvit_rule() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    logp = torch.log_softmax(logits, 1)
+    top = logp.topk(2, dim=1)
+    rebuilt = tc.rebuild_log_probs(top.values, top.indices, 4).exp()
+    p = logp.exp()
+    for row in range(2):
+        kept = top.indices[row]
+        assert torch.allclose(rebuilt[row, kept], p[row, kept])
+        rest = [c for c in range(4) if c not in kept.tolist()]
+        expected_rest = (1 - p[row, kept].sum()) / 2  # spread evenly over the C - k others
+        assert torch.allclose(rebuilt[row, rest], expected_rest.expand(2))
+    assert torch.allclose(rebuilt.sum(1), torch.ones(2))
+    full = logp.topk(4, dim=1)
+    assert torch.equal(tc.rebuild_log_probs(full.values, full.indices, 4), logp)  # k = C: exact
+
+
+def test_index_dtype_is_smallest() -> None:
+    assert tc.index_dtype(10) == torch.uint8 and tc.index_dtype(256) == torch.uint8
+    assert tc.index_dtype(1000) == torch.int16 and tc.index_dtype(40000) == torch.int32
+
+
+def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = _cfg(teacher_run)
+    data = load_run_data(cfg)
+    teacher, _ = build_teacher(cfg, data, "test")
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    live: dict[tuple[int, int], torch.Tensor] = {}
+
+    class Recording(torch.nn.Module):
+        """Records every augmented image the teacher is shown while the cache is written."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch = 0
+            self.start = 0
+
+        def forward(self, images: torch.Tensor) -> dict:
+            out = teacher(images)
+            for j in range(len(images)):
+                seen[(self.epoch, self.start + j)] = images[j].clone()
+                live[(self.epoch, self.start + j)] = out["logits"][j]
+            self.start += len(images)
+            if self.start >= LIMIT:
+                self.epoch, self.start = self.epoch + 1, 0
+            return out
+
+    header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model))
+    tc.write_cache(tmp_path / "c", header, Recording(), data.train, augment_for(cfg, data), 40, torch.device("cpu"),
+                   progress=False)
+    source = tc.CachedTeacher(tmp_path / "c", header, torch.device("cpu"))
+    augment = augment_for(cfg, data)
+    for epoch in range(2):
+        idx = torch.randperm(LIMIT, generator=torch.Generator().manual_seed(epoch))[:32]  # a training batch
+        images = augment(data.train.images[idx], idx, epoch)
+        for j, i in enumerate(idx.tolist()):
+            assert torch.equal(images[j], seen[(epoch, i)])  # the exact image the teacher saw
+        rebuilt = source(images, idx, epoch)["logits"]
+        want = torch.stack([live[(epoch, i)] for i in idx.tolist()])
+        # k = C in float32: the same distribution at every temperature, hence the same loss
+        for tau in (1.0, 4.0):
+            assert torch.allclose(torch.softmax(rebuilt / tau, 1), torch.softmax(want / tau, 1), atol=1e-6)
+        kd = build_method({"name": "logit-kd"})
+        s = {"logits": torch.randn(32, 10)}
+        y = data.train.labels[idx]
+        assert torch.allclose(kd(s, {"logits": rebuilt}, y)["loss"], kd(s, {"logits": want}, y)["loss"], atol=1e-5)
+
+
+def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = _cfg(teacher_run)
+    cfg.cache.value_dtype, cfg.cache.topk = "float16", 3
+    out = cache_teacher(cfg, str(tmp_path / "c16"))
+    assert out["bytes_per_sample_epoch"] == 3 * (2 + 1)  # float16 values, uint8 indices
+    data = load_run_data(cfg)
+    teacher, _ = build_teacher(cfg, data, "test")
+    idx = torch.arange(16)
+    images = augment_for(cfg, data)(data.train.images[idx], idx, 1)
+    p_live = torch.softmax(teacher(images)["logits"], 1)
+    source = tc.CachedTeacher(tmp_path / "c16", cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model)),
+                              torch.device("cpu"))
+    p_cache = torch.softmax(source(images, idx, 1)["logits"], 1)
+    top = p_live.topk(3, dim=1).indices
+    assert torch.allclose(p_cache.gather(1, top), p_live.gather(1, top), rtol=2e-3, atol=1e-4)
+    assert torch.allclose(p_cache.sum(1), torch.ones(16), atol=1e-3)
+
+
+def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = _cfg(teacher_run, epochs=3)
+    data = load_run_data(cfg)
+    teacher, _ = build_teacher(cfg, data, "test")
+    header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model))
+    calls = {"n": 0}
+
+    def dying(images: torch.Tensor) -> dict:
+        calls["n"] += 1
+        if calls["n"] > 4:  # epoch 0 has 3 batches of 40; die inside epoch 1
+            raise KeyboardInterrupt
+        return teacher(images)
+
+    cdir = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        tc.write_cache(cdir, header, dying, data.train, augment_for(cfg, data), 40, torch.device("cpu"), progress=False)
+    assert tc.shard_path(cdir, 0).exists() and not tc.shard_path(cdir, 1).exists()
+    assert not list(cdir.glob(".*tmp"))  # no half-written shard left behind
+    first = tc.shard_path(cdir, 0).read_bytes()
+    out = tc.write_cache(cdir, header, teacher, data.train, augment_for(cfg, data), 40, torch.device("cpu"),
+                         progress=False)
+    assert out["written"] == 2 and tc.shard_path(cdir, 0).read_bytes() == first
+    fresh = tmp_path / "fresh"
+    tc.write_cache(fresh, header, teacher, data.train, augment_for(cfg, data), 40, torch.device("cpu"), progress=False)
+    digest = tc.header_digest(header)
+    for e in range(3):
+        resumed, straight = tc.read_shard(tc.shard_path(cdir, e), digest, e), tc.read_shard(tc.shard_path(fresh, e), digest, e)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
+
+
+@pytest.mark.parametrize("field, change", [
+    ("teacher_hash", {"model": {"teacher_weights": None}}),
+    ("train_limit", {"data": {"train_limit": LIMIT - 1}}),
+    ("data", {"data": {"img_size": 12}}),
+    ("pad", {"data": {"pad": 1}}),
+    ("hflip", {"data": {"hflip": True}}),
+    ("seed", {"train": {"seed": 5}}),
+    ("epochs", {"train": {"epochs": 3}}),
+])
+def test_header_mismatch_is_named(teacher_run: Path, tmp_path: Path, field: str, change: dict) -> None:
+    base = _cfg(teacher_run)
+    cache_teacher(base, str(tmp_path / "c"))
+    layers = [json.loads(json.dumps(base.to_dict())), change]
+    cfg = build_config(layers)
+    data = load_run_data(cfg)
+    teacher, _ = build_teacher(cfg, data, "test")
+    wanted = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model))
+    with pytest.raises(UserError, match=field):
+        tc.CachedTeacher(tmp_path / "c", wanted, torch.device("cpu"))
+
+
+def test_rewriting_with_other_topk_is_refused(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = _cfg(teacher_run)
+    cache_teacher(cfg, str(tmp_path / "c"))
+    cfg.cache.topk = 4
+    with pytest.raises(UserError, match="topk"):
+        cache_teacher(cfg, str(tmp_path / "c"))
+
+
+def test_corrupt_shard_is_named(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = _cfg(teacher_run)
+    cache_teacher(cfg, str(tmp_path / "c"))
+    header = tc.read_header(tmp_path / "c")
+    source = tc.CachedTeacher(tmp_path / "c", header, torch.device("cpu"))
+    shard = tc.shard_path(tmp_path / "c", 1)
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits inside the stored values
+    shard.write_bytes(bytes(raw))
+    idx = torch.arange(4)
+    source(None, idx, 0)  # epoch 0 is intact
+    with pytest.raises(UserError, match=r"epoch_0001\.safetensors.*corrupt"):
+        source(None, idx, 1)
+    shard.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
+    with pytest.raises(UserError, match=r"epoch_0001\.safetensors.*corrupt"):
+        tc.read_shard(shard, tc.header_digest(header), 1)
+
+
+def test_cli_cached_distill_equals_online(teacher_run: Path, tmp_path: Path) -> None:
+    common = ["--student", "deit_femto_distilled_patch4_16", "--method", "deit-hard", "--epochs", "2", *TINY]
+    cache = tmp_path / "cache"
+    r = run_cli("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), "--epochs",
+                "2", "--cache", str(cache), "--set", "cache.value_dtype=float32", *TINY)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("distill", "--teacher-cache", str(cache), "--out", str(tmp_path / "cached"), *common)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("distill", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), "--out",
+                str(tmp_path / "online"), *common)
+    assert r.returncode == 0, r.stderr
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in ("img_s", "epoch_s")} for x in lines]
+
+    # deit-hard needs only the teacher's argmax, which the stored log-probs preserve: identical runs
+    assert rows("cached") == rows("online")
+    summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
+    assert summary["teacher_top1"] is not None and summary["teacher_cache"] == str(cache)
+    # a run that needs more epochs than the cache holds is refused with exit 2 and one line
+    r = run_cli("distill", "--teacher-cache", str(cache), "--out", str(tmp_path / "more"), *common, "--epochs", "3")
+    assert r.returncode == 2 and "holds 2 epochs" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "more").exists()
