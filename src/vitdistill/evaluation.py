@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from vitdistill.config import Config, build_config, load_yaml
@@ -52,10 +53,15 @@ def profile_cli(args: argparse.Namespace) -> dict:
     """Parameters, FLOPs, latency at batch 1, throughput and peak memory at ``--batch``."""
     run_dir = Path(args.model)
     num_classes, kwargs, name = args.num_classes, {}, args.model
+    img_size = args.img_size
     if run_dir.is_dir():
         cfg = _run_config(run_dir)
         name, kwargs = cfg.model.student, cfg.model.student_kwargs
-    model, _ = create_model(name, num_classes, args.img_size, kwargs)
-    size = InputPrep.for_model(model).size or args.img_size or 32
+        if (run_dir / "summary.json").is_file():  # the class count and input size the run trained with
+            summary = json.loads((run_dir / "summary.json").read_text())
+            num_classes = summary["timm_spec"]["kwargs"]["num_classes"]
+            img_size = img_size or summary.get("img_size")
+    model, _ = create_model(name, num_classes, img_size, kwargs)
+    size = InputPrep.for_model(model).size or img_size or 32
     result = profile_model(model, (3, size, size), device=str(pick_device(args.device)), batch=args.batch)
     return {"model": name, "img_size": size, **result}

@@ -140,7 +140,7 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
         "student_top1": final.get("test_top1"), "student_top5": final.get("test_top5"),
         "agreement": final.get("test_agreement"),
         "teacher_top1": teacher_acc["top1"] if teacher_acc else None,
-        "epochs": cfg.train.epochs, "wall_s": round(wall, 2), "timm_spec": spec,
+        "epochs": cfg.train.epochs, "wall_s": round(wall, 2), "img_size": data.img_size, "timm_spec": spec,
     }
     input_size = (data.in_chans, data.img_size, data.img_size)
     prof = profile_model(student, input_size, device=str(device))
