@@ -49,8 +49,10 @@ def test_index_dtype_is_smallest() -> None:
     assert tc.index_dtype(1000) == torch.int16 and tc.index_dtype(40000) == torch.int32
 
 
-def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mix_prob", [0.0, 1.0])
+def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path, mix_prob: float) -> None:
     cfg = _cfg(teacher_run)
+    cfg.data.mix_prob = mix_prob  # Mixup / CutMix partners are replayed too
     data = load_run_data(cfg)
     teacher, _ = build_teacher(cfg, data, "test")
     seen: dict[tuple[int, int], torch.Tensor] = {}
@@ -81,7 +83,7 @@ def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path
     augment = augment_for(cfg, data)
     for epoch in range(2):
         idx = torch.randperm(LIMIT, generator=torch.Generator().manual_seed(epoch))[:32]  # a training batch
-        images = augment(data.train.images[idx], idx, epoch)
+        images = augment.images(data.train.images, idx, epoch)
         for j, i in enumerate(idx.tolist()):
             assert torch.equal(images[j], seen[(epoch, i)])  # the exact image the teacher saw
         rebuilt = source(images, idx, epoch)["logits"]
@@ -103,7 +105,7 @@ def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path) -> None
     data = load_run_data(cfg)
     teacher, _ = build_teacher(cfg, data, "test")
     idx = torch.arange(16)
-    images = augment_for(cfg, data)(data.train.images[idx], idx, 1)
+    images = augment_for(cfg, data).images(data.train.images, idx, 1)
     p_live = torch.softmax(teacher(images)["logits"], 1)
     source = tc.CachedTeacher(tmp_path / "c16", cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model)),
                               torch.device("cpu"))
@@ -149,6 +151,7 @@ def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
     ("data", {"data": {"img_size": 12}}),
     ("pad", {"data": {"pad": 1}}),
     ("hflip", {"data": {"hflip": True}}),
+    ("mix_prob", {"data": {"mix_prob": 0.5}}),
     ("seed", {"train": {"seed": 5}}),
     ("epochs", {"train": {"epochs": 3}}),
 ])

@@ -25,6 +25,8 @@ class DataConfig:
     val_fraction: float = 0.1  # held-out share when the source has no test split
     pad: int | None = None  # random-crop padding; None takes the source's default
     hflip: bool | None = None  # horizontal flips; None takes the source's default
+    mix_prob: float = 0.0  # share of training samples mixed with a partner (Mixup or CutMix)
+    cutmix_share: float = 0.5  # of the mixed samples, the share that get CutMix instead of Mixup
     train_limit: int | None = None  # use a fixed random subset of the training split
     test_limit: int | None = None  # use a fixed random subset of the test split
 

@@ -36,13 +36,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vitdistill.data import DataSplit, sample_seeds
+from vitdistill.data.mix import Augment
 from vitdistill.engine import io
 from vitdistill.errors import UserError
 
 FORMAT_VERSION = 1
 # Fields that must match between a cache and the run that uses it (epochs is checked as >=).
 MATCH_FIELDS = ("format", "teacher", "teacher_hash", "data", "train_limit", "num_samples", "num_classes",
-                "pad", "hflip", "seed", "seed_digest", "topk", "value_dtype")
+                "pad", "hflip", "mix_prob", "cutmix_share", "seed", "seed_digest", "topk", "value_dtype")
 # What a run that replays the cache must share with it; top-k and value type are the cache's own.
 REPLAY_FIELDS = tuple(f for f in MATCH_FIELDS if f not in ("topk", "value_dtype"))
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -75,15 +76,15 @@ def seed_digest(run_seed: int, num_samples: int) -> str:
 
 
 def make_header(*, teacher: str, teacher_hash: str, data_fingerprint: str, train_limit: int | None,
-                num_samples: int, num_classes: int, pad: int, hflip: bool, seed: int, epochs: int, topk: int,
-                value_dtype: str) -> dict:
+                num_samples: int, num_classes: int, pad: int, hflip: bool, mix_prob: float, cutmix_share: float,
+                seed: int, epochs: int, topk: int, value_dtype: str) -> dict:
     if value_dtype not in _DTYPES:
         raise UserError(f"cache value dtype must be float16 or float32, not '{value_dtype}'")
     if not 1 <= topk <= num_classes:
         raise UserError(f"cache top-k must lie in 1..{num_classes} (the class count), not {topk}")
     return {"format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "data": data_fingerprint,
             "train_limit": train_limit, "num_samples": num_samples, "num_classes": num_classes, "pad": pad,
-            "hflip": hflip, "seed": seed, "seed_digest": seed_digest(seed, num_samples), "topk": topk,
+            "hflip": hflip, "mix_prob": mix_prob, "cutmix_share": cutmix_share, "seed": seed, "seed_digest": seed_digest(seed, num_samples), "topk": topk,
             "value_dtype": value_dtype, "epochs": epochs}
 
 
@@ -153,7 +154,7 @@ def rebuild_log_probs(values: torch.Tensor, indices: torch.Tensor, num_classes: 
     return out.scatter_(1, indices.long(), v)
 
 
-def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: DataSplit, augment,
+def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: DataSplit, augment: Augment,
                 batch_size: int, device: torch.device, progress: bool = True,
                 test: DataSplit | None = None) -> dict:
     """Write (or resume) a cache: every epoch whose shard is missing or invalid is (re)computed."""
@@ -176,7 +177,7 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
         indices = torch.empty(n, k, dtype=idtype)
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
-            images = augment(split.images[idx].to(device, non_blocking=True), idx, epoch)
+            images = augment.images(split.images, idx, epoch)
             logp = torch.log_softmax(teacher(images)["logits"].float(), dim=1)
             top = logp.topk(k, dim=1)
             values[idx] = top.values.to(vdtype).cpu()

@@ -112,7 +112,8 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
         row = {"epoch": epoch + 1}
         row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
                                augment=augment, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
-                               epoch=epoch, device=device, desc=f"{mode} {epoch + 1}/{cfg.train.epochs}"))
+                               epoch=epoch, device=device, num_classes=data.num_classes,
+                               desc=f"{mode} {epoch + 1}/{cfg.train.epochs}"))
         student.eval()
         acc = accuracy(predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels,
                        teacher_pred)

@@ -14,7 +14,8 @@ from vitdistill.config import Config
 from vitdistill.data import DataSplit, Dataset, load_data
 from vitdistill.engine.evaluate import predict
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
-from vitdistill.engine.trainer import Augment, LiveTeacher, TeacherSource
+from vitdistill.data.mix import Augment
+from vitdistill.engine.trainer import LiveTeacher, TeacherSource
 from vitdistill.errors import UserError
 from vitdistill.methods.base import Method
 from vitdistill.models import Teacher, create_model
@@ -40,7 +41,9 @@ def load_run_data(cfg: Config) -> Dataset:
 def augment_for(cfg: Config, data: Dataset) -> Augment:
     pad = data.pad if cfg.data.pad is None else cfg.data.pad
     hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
-    return Augment(cfg.train.seed, pad, hflip)
+    if not 0.0 <= cfg.data.mix_prob <= 1.0 or not 0.0 <= cfg.data.cutmix_share <= 1.0:
+        raise UserError("data.mix_prob and data.cutmix_share must lie in [0, 1]")
+    return Augment(cfg.train.seed, pad, hflip, cfg.data.mix_prob, cfg.data.cutmix_share)
 
 
 def build_teacher(cfg: Config, data: Dataset, why: str) -> tuple[Teacher, dict]:
@@ -57,7 +60,8 @@ def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: st
     return tc.make_header(
         teacher=teacher_name, teacher_hash=teacher_hash, data_fingerprint=data.fingerprint,
         train_limit=cfg.data.train_limit, num_samples=len(data.train), num_classes=data.num_classes,
-        pad=aug.pad, hflip=aug.hflip, seed=cfg.train.seed, epochs=cfg.train.epochs,
+        pad=aug.pad, hflip=aug.hflip, mix_prob=aug.mix_prob, cutmix_share=aug.cutmix_share,
+        seed=cfg.train.seed, epochs=cfg.train.epochs,
         topk=min(cfg.cache.topk, data.num_classes), value_dtype=cfg.cache.value_dtype)
 
 

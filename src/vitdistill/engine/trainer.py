@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 from tqdm import tqdm
 
 from vitdistill.config import TrainConfig
-from vitdistill.data import DataSplit, augment_batch, epoch_batches, sample_seeds
+from vitdistill.data import DataSplit, epoch_batches
+from vitdistill.data.mix import Augment
 from vitdistill.engine.runtime import autocast, epoch_seed
 from vitdistill.methods.base import Method, Outputs
 from vitdistill.models.wrappers import student_outputs
@@ -34,16 +34,6 @@ class LiveTeacher:
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> Outputs:
         return self.teacher(images)
-
-
-@dataclass
-class Augment:
-    seed: int
-    pad: int
-    hflip: bool
-
-    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        return augment_batch(images, sample_seeds(self.seed, epoch, indices).to(images.device), self.pad, self.hflip)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> Callable[[int], float]:
@@ -83,6 +73,7 @@ def train_epoch(
     cfg: TrainConfig,
     epoch: int,
     device: torch.device,
+    num_classes: int,
     desc: str = "",
 ) -> dict:
     """One epoch; returns the mean of every loss part, train accuracy, lr and images per second."""
@@ -97,9 +88,11 @@ def train_epoch(
     seen = 0
     start = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    size = tuple(split.images.shape[-2:])
     for step, idx in enumerate(bar):
-        images = augment(split.images[idx].to(device, non_blocking=True), idx, epoch)
-        target = split.labels[idx].to(device, non_blocking=True)
+        images = augment.images(split.images, idx, epoch)
+        target = augment.targets(split.labels, idx, epoch, size, num_classes)
+        hard = target.argmax(dim=1) if target.ndim == 2 else target
         with autocast(device, cfg.amp):
             t_out = teacher(images, idx, epoch) if teacher is not None else None
             s_out = student_outputs(student, prep(images))
@@ -112,7 +105,7 @@ def train_epoch(
         scheduler.step()
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach().float() * len(idx)
-        correct += (s_out["logits"].argmax(dim=1) == target).sum()
+        correct += (s_out["logits"].argmax(dim=1) == hard).sum()
         seen += len(idx)
         if cfg.progress and (step % 10 == 0 or step == len(batches) - 1):
             elapsed = time.perf_counter() - start
