@@ -43,7 +43,8 @@ def step_time(cfg, data, method_name: str, source, epochs: int = 2) -> float:
     for epoch in range(epochs):
         row = train_epoch(student=student, prep=InputPrep.for_model(student), method=method, teacher=source,
                           split=data.train, augment=augment_for(cfg, data), optimizer=opt, scheduler=sched,
-                          cfg=cfg.train, epoch=epoch, device=torch.device("cpu"))
+                          cfg=cfg.train, epoch=epoch, device=torch.device("cpu"),
+                          num_classes=data.num_classes)
     return row["epoch_s"] / steps
 
 
