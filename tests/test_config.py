@@ -30,7 +30,8 @@ def test_defaults():
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (10, 128, 1e-3)
     assert cfg.train.label_smoothing == 0.1 and cfg.train.clip_grad == 1.0 and cfg.train.amp == "auto"
     assert cfg.out is None
-    assert set(cfg.to_dict()) == {"data", "model", "method", "train", "out"}
+    assert set(cfg.to_dict()) == {"data", "model", "method", "train", "cache", "out"}
+    assert cfg.cache.dir is None and cfg.data.mix_prob == 0.0
 
 
 def test_configs_do_not_share_mutable_defaults():
