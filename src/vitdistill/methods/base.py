@@ -85,6 +85,14 @@ def soft_kl(
     return kl * (tau * tau) / denom
 
 
+def check_weights(alpha: float, tau: float | None = None) -> None:
+    """The knobs every weighted KD loss shares: a mixing weight in [0, 1], a positive temperature."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], not {alpha}")
+    if tau is not None and tau <= 0:
+        raise ValueError(f"tau must be positive, not {tau}")
+
+
 def heads(student: Outputs) -> list[torch.Tensor]:
     """The student's classifier outputs: the class head, plus the distillation head if it has one."""
     return [student[k] for k in ("logits", "dist_logits") if k in student]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitdistill.methods.base import METHODS, Method, Outputs, soft_kl
+from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, soft_kl
 
 
 @METHODS.register("deit-soft")
@@ -35,8 +35,7 @@ class DeiTSoft(Method):
 
     def __init__(self, alpha: float = 0.1, tau: float = 3.0, label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)
-        if not 0.0 <= alpha <= 1.0 or tau <= 0:
-            raise ValueError("alpha must lie in [0, 1] and tau must be positive")
+        check_weights(alpha, tau)
         self.alpha, self.tau = alpha, tau
 
     def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor) -> Outputs:
@@ -56,8 +55,7 @@ class DeiTHard(Method):
 
     def __init__(self, alpha: float = 0.5, label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError("alpha must lie in [0, 1]")
+        check_weights(alpha)
         self.alpha = alpha
 
     def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor) -> Outputs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vitdistill.methods.base import METHODS, Method, Outputs, heads, soft_kl
+from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads, soft_kl
 
 
 @METHODS.register("logit-kd")
@@ -22,8 +22,7 @@ class LogitKD(Method):
 
     def __init__(self, alpha: float = 0.5, tau: float = 4.0, label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)
-        if not 0.0 <= alpha <= 1.0 or tau <= 0:
-            raise ValueError("alpha must lie in [0, 1] and tau must be positive")
+        check_weights(alpha, tau)
         self.alpha, self.tau = alpha, tau
 
     def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor) -> Outputs:
