@@ -183,6 +183,12 @@ def test_bad_inputs(teacher_run: Path, tmp_path: Path) -> None:
     assert not out.exists(), "a failed run must leave nothing behind"
 
 
+def test_pretrained_weights_offline_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: the fetch must fail fast and cleanly
+    r = run_cli("train", "--model", "resnet18", "--set", "model.pretrained=true", "--out", str(tmp_path / "p"), *TINY)
+    _one_line_error(r, "pretrained weights", "resnet18", "--student-weights")
+
+
 def test_resume_refuses_other_config(tmp_path: Path) -> None:
     out = tmp_path / "r"
     args = ["train", "--model", "vit_femto_patch4_16", "--epochs", "1", "--out", str(out), *TINY]

@@ -96,13 +96,10 @@ def create_model(
     if img_size is not None and "img_size" not in (overrides or {}):
         kwargs["img_size"] = img_size
     try:
-        model = timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        if "img_size" not in kwargs or "img_size" not in str(exc):
-            raise UserError(f"model '{name}' does not take these overrides ({exc}); fix model.*_kwargs") from None
-        kwargs.pop("img_size")
-        model = timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
-    except (OSError, RuntimeError) as exc:
+        model = _timm_create(name, spec["name"], pretrained, kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub and network failures come in many types
         if pretrained:
             raise UserError(
                 f"cannot fetch pretrained weights for '{name}' ({type(exc).__name__}); "
@@ -115,6 +112,21 @@ def create_model(
     if weights:
         load_weights(model, weights, name)
     return model, spec
+
+
+def _timm_create(name: str, arch: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """timm.create_model, dropping ``img_size`` for architectures that take any size (CNNs)."""
+    if pretrained:  # the hub's retry chatter would bury the one-line error an offline fetch ends in
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in kwargs or "img_size" not in str(exc):
+            raise UserError(f"model '{name}' does not take these overrides ({exc}); fix model.*_kwargs") from None
+        kwargs.pop("img_size")
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
 
 
 def resolve_weights_path(path: str) -> Path:
