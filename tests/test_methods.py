@@ -20,15 +20,6 @@ T = [[2.0, 0.1, -0.4], [0.0, 1.5, 0.7]]
 Y = [1, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: more threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- hand math (plain Python)
 
 

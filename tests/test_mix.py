@@ -15,7 +15,7 @@ def test_no_mixing_is_plain_augmentation() -> None:
     aug = Augment(seed=1, pad=0, hflip=False)
     idx = torch.tensor([3, 1, 7])
     assert torch.equal(aug.images(imgs, idx, 0), imgs[idx])
-    assert torch.equal(aug.targets(labels, idx, 0, (8, 8), 4), labels[idx])  # class indices, not soft
+    assert torch.equal(aug.batch(imgs, labels, idx, 0, 4)[1], labels[idx])  # class indices, not soft
 
 
 def test_mixed_sample_is_pure_function_of_seed_epoch_index() -> None:
@@ -25,7 +25,8 @@ def test_mixed_sample_is_pure_function_of_seed_epoch_index() -> None:
     b = aug.images(imgs, torch.tensor([9, 4, 0, 5]), 2)  # another batch holding the same samples
     assert torch.equal(a[0], b[2]) and torch.equal(a[1], b[3]) and torch.equal(a[2], b[0])
     assert not torch.equal(aug.images(imgs, torch.tensor([0]), 3), a[:1])  # another epoch, another mix
-    t = aug.targets(labels, torch.tensor([0, 5, 9]), 2, (8, 8), 4)
+    images, t = aug.batch(imgs, labels, torch.tensor([0, 5, 9]), 2, 4)
+    assert torch.equal(images, a)
     assert t.shape == (3, 4) and torch.allclose(t.sum(1), torch.ones(3))
 
 

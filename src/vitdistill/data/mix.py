@@ -111,17 +111,18 @@ class Augment:
         return plan_mix(self.seed, epoch, idx, n, size, self.mix_prob, self.cutmix_share)
 
     def images(self, all_images: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        own = self._aug(all_images, idx, epoch)
-        if self.mix_prob <= 0:
-            return own
-        plan = self.plan(len(all_images), tuple(all_images.shape[-2:]), idx, epoch)
-        return mix_images(own, self._aug(all_images, plan.partner, epoch), plan)
+        """The augmented (and mixed) uint8 batch: what the teacher cache writer stores outputs for."""
+        return self.batch(all_images, None, idx, epoch, 0)[0]
 
-    def targets(self, all_labels: torch.Tensor, idx: torch.Tensor, epoch: int, size: tuple[int, int],
-                num_classes: int) -> torch.Tensor:
-        """Class indices without mixing (the cheap, exact path); soft targets [B, C] with it."""
-        labels = all_labels[idx.to(all_labels.device)]
+    def batch(self, all_images: torch.Tensor, all_labels: torch.Tensor | None, idx: torch.Tensor, epoch: int,
+              num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images and targets: class indices without mixing (the cheap, exact path), soft [B, C] with it."""
+        own = self._aug(all_images, idx, epoch)
+        labels = all_labels[idx.to(all_labels.device)] if all_labels is not None else None
         if self.mix_prob <= 0:
-            return labels
-        plan = self.plan(len(all_labels), size, idx, epoch)
-        return mix_targets(labels, all_labels[plan.partner.to(all_labels.device)], plan, num_classes)
+            return own, labels
+        plan = self.plan(len(all_images), tuple(all_images.shape[-2:]), idx, epoch)
+        images = mix_images(own, self._aug(all_images, plan.partner, epoch), plan)
+        if labels is None:
+            return images, None
+        return images, mix_targets(labels, all_labels[plan.partner.to(all_labels.device)], plan, num_classes)

@@ -88,10 +88,8 @@ def train_epoch(
     seen = 0
     start = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
-    size = tuple(split.images.shape[-2:])
     for step, idx in enumerate(bar):
-        images = augment.images(split.images, idx, epoch)
-        target = augment.targets(split.labels, idx, epoch, size, num_classes)
+        images, target = augment.batch(split.images, split.labels, idx, epoch, num_classes)
         hard = target.argmax(dim=1) if target.ndim == 2 else target
         with autocast(device, cfg.amp):
             t_out = teacher(images, idx, epoch) if teacher is not None else None
