@@ -10,7 +10,6 @@ import torch
 from conftest import TINY, run_cli
 from vitdistill import teacher_cache as tc
 from vitdistill.config import build_config
-from vitdistill.data import DataSplit
 from vitdistill.engine.setup import augment_for, build_teacher, cache_header, cache_teacher, load_run_data
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method

@@ -5,7 +5,6 @@ hard distillation token, then prints teacher / baseline / distilled side by side
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

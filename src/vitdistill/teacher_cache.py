@@ -38,6 +38,7 @@ from tqdm import tqdm
 from vitdistill.data import DataSplit, sample_seeds
 from vitdistill.data.mix import Augment
 from vitdistill.engine import io
+from vitdistill.engine.evaluate import predict
 from vitdistill.errors import UserError
 
 FORMAT_VERSION = 1
@@ -189,9 +190,7 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
         written += 1
     bar.close()
     if test is not None and not (cache_dir / "test.safetensors").exists():
-        with torch.no_grad():
-            logits = torch.cat([teacher(test.images[s:s + batch_size].to(device))["logits"].float().cpu()
-                                for s in range(0, len(test), batch_size)])
+        logits = predict(lambda x: teacher(x)["logits"], test, batch_size, device)
         io.atomic_write(cache_dir / "test.safetensors",
                         lambda tmp: save_file({"logits": logits}, tmp, {"header": digest}))
     return {"dir": str(cache_dir), "epochs": header["epochs"], "written": written,
