@@ -5,12 +5,16 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from vitdistill.config import Config, build_config, load_yaml
 from vitdistill.engine.evaluate import accuracy, predict
 from vitdistill.engine.setup import load_run_data
 from vitdistill.engine.runtime import pick_device
 from vitdistill.errors import UserError
+from vitdistill.methods import build_method
 from vitdistill.models import InputPrep, Teacher, create_model
+from vitdistill.models.factory import load_weights
 from vitdistill.report.profile import profile_model
 
 
@@ -20,11 +24,24 @@ def _run_config(run_dir: Path) -> Config:
     return build_config([load_yaml(run_dir / "config.yaml")])
 
 
+def _build(name: str, num_classes: int, img_size: int | None, kwargs: dict, weights: str | None,
+           cfg: Config | None) -> torch.nn.Module:
+    """A model by name, reshaped by its run's method when that method adapts students (MiniViT's
+    shared blocks, Co-advise's extra tokens), then given its weights."""
+    model, _ = create_model(name, num_classes, img_size, kwargs)
+    if cfg is not None:
+        model = build_method(cfg.method).adapt_student(model, name)
+    if weights:
+        load_weights(model, weights, name)
+    return model
+
+
 def evaluate_cli(args: argparse.Namespace) -> dict:
     """Top-1/top-5 on the test split, plus agreement with a teacher when one is given."""
     run_dir = Path(args.student)
+    run_cfg = None
     if run_dir.is_dir():
-        cfg = _run_config(run_dir)
+        cfg = run_cfg = _run_config(run_dir)
         name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, str(run_dir)
     else:
         if not args.weights:
@@ -36,7 +53,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
         cfg.data.source = args.data
     data = load_run_data(cfg)
     device = pick_device(args.device)
-    model, _ = create_model(name, data.num_classes, data.img_size, kwargs, weights=weights)
+    model = _build(name, data.num_classes, data.img_size, kwargs, weights, run_cfg)
     model.to(device).eval()
     prep = InputPrep.for_model(model).to(device)
     logits = predict(lambda x: model(prep(x)), data.test, args.batch_size, device)
@@ -54,6 +71,7 @@ def profile_cli(args: argparse.Namespace) -> dict:
     run_dir = Path(args.model)
     num_classes, kwargs, name = args.num_classes, {}, args.model
     img_size = args.img_size
+    cfg = None
     if run_dir.is_dir():
         cfg = _run_config(run_dir)
         name, kwargs = cfg.model.student, cfg.model.student_kwargs
@@ -61,7 +79,7 @@ def profile_cli(args: argparse.Namespace) -> dict:
             summary = json.loads((run_dir / "summary.json").read_text())
             num_classes = summary["timm_spec"]["kwargs"]["num_classes"]
             img_size = img_size or summary.get("img_size")
-    model, _ = create_model(name, num_classes, img_size, kwargs)
+    model = _build(name, num_classes, img_size, kwargs, None, cfg)
     size = InputPrep.for_model(model).size or img_size or 32
     result = profile_model(model, (3, size, size), device=str(pick_device(args.device)), batch=args.batch)
     return {"model": name, "img_size": size, **result}

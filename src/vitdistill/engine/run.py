@@ -17,7 +17,7 @@ from vitdistill.data import DataSplit
 from vitdistill.engine import io
 from vitdistill.engine.evaluate import accuracy, predict
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
-from vitdistill.engine.setup import augment_for, load_run_data, teacher_side
+from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_side
 from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
@@ -62,9 +62,11 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
         raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
     student, spec = create_model(cfg.model.student, data.num_classes, data.img_size, cfg.model.student_kwargs,
                                  cfg.model.pretrained, cfg.model.student_weights)
+    student = method.adapt_student(student, cfg.model.student)
     method.check_student(student, cfg.model.student)
     prepare_student(student)
     side = teacher_side(cfg, data, method, device) if method.needs_teacher else None
+    taps = setup_method(method, student, cfg.model.student, side, data)
 
     student.to(device)
     method.to(device)
@@ -111,7 +113,7 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
     for epoch in range(start_epoch, cfg.train.epochs):
         row = {"epoch": epoch + 1}
         row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
-                               augment=augment, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
+                               augment=augment, taps=taps, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
                                epoch=epoch, device=device, num_classes=data.num_classes,
                                desc=f"{mode} {epoch + 1}/{cfg.train.epochs}"))
         student.eval()

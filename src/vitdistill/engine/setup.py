@@ -5,7 +5,7 @@ cache replayed without running the teacher. The loop and the methods see the sam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,8 @@ from vitdistill.engine.trainer import LiveTeacher, TeacherSource
 from vitdistill.errors import UserError
 from vitdistill.methods.base import Method
 from vitdistill.models import Teacher, create_model
+from vitdistill.models.taps import FeatureTaps, describe
+from vitdistill.models.wrappers import TeacherEnsemble
 from vitdistill import teacher_cache as tc
 
 
@@ -46,13 +48,34 @@ def augment_for(cfg: Config, data: Dataset) -> Augment:
     return Augment(cfg.train.seed, pad, hflip, cfg.data.mix_prob, cfg.data.cutmix_share)
 
 
+def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
+    """(name, weights) of each teacher; several are given comma-separated: ``--teacher a,b``."""
+    names = [n.strip() for n in (cfg.model.teacher or "").split(",") if n.strip()]
+    weights = [w.strip() or None for w in cfg.model.teacher_weights.split(",")] if cfg.model.teacher_weights else []
+    if len(names) > 1 and weights and len(weights) != len(names):
+        raise UserError(f"{len(names)} teachers but {len(weights)} teacher weights; give one weights file per "
+                        "teacher, comma-separated, in the same order")
+    return list(zip(names, weights if len(names) > 1 else (weights[:1] or [None])))
+
+
 def build_teacher(cfg: Config, data: Dataset, why: str) -> tuple[Teacher, dict]:
+    """The first (or only) teacher; :func:`build_teachers` builds them all."""
+    teachers, specs = build_teachers(cfg, data, why)
+    return teachers[0], specs[0]
+
+
+def build_teachers(cfg: Config, data: Dataset, why: str) -> tuple[list[Teacher], list[dict]]:
     m = cfg.model
-    if not m.teacher:
+    named = teacher_names(cfg)
+    if not named:
         raise UserError(f"{why} needs a teacher; pass --teacher NAME --teacher-weights FILE")
     img_size = None if m.pretrained else data.img_size
-    model, spec = create_model(m.teacher, data.num_classes, img_size, m.teacher_kwargs, m.pretrained, m.teacher_weights)
-    return Teacher(model), spec
+    teachers, specs = [], []
+    for name, weights in named:
+        model, spec = create_model(name, data.num_classes, img_size, m.teacher_kwargs, m.pretrained, weights)
+        teachers.append(Teacher(model))
+        specs.append(spec)
+    return teachers, specs
 
 
 def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: str) -> dict:
@@ -69,20 +92,30 @@ def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: st
 class TeacherSide:
     source: TeacherSource
     test_logits: torch.Tensor | None
-    model: Teacher | None  # None when a cache stands in and no teacher was named
+    model: Teacher | None  # the first teacher; None when a cache stands in and no teacher was named
     spec: dict | None
+    teachers: list[Teacher] = field(default_factory=list)
 
 
 def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.device) -> TeacherSide:
-    """The live teacher, or the cache in ``cache.dir``; plus the teacher's logits on the test split."""
+    """The live teacher(s), or the cache in ``cache.dir``; plus the first teacher's test logits."""
     teacher, spec = (None, None)
+    teachers: list[Teacher] = []
     if cfg.model.teacher or not cfg.cache.dir:
-        teacher, spec = build_teacher(cfg, data, f"method '{method.name}'")
-        teacher.to(device)
+        teachers, specs = build_teachers(cfg, data, f"method '{method.name}'")
+        if len(teachers) < method.teachers_needed:
+            raise UserError(f"method '{method.name}' needs {method.teachers_needed} teachers and got {len(teachers)}; "
+                            "pass them comma-separated: --teacher A,B --teacher-weights WA,WB")
+        for t in teachers:
+            t.to(device)
+        teacher, spec = teachers[0], specs[0]
     if not cfg.cache.dir:
         assert teacher is not None
+        live = teacher if len(teachers) == 1 else TeacherEnsemble(teachers)
         logits = predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
-        return TeacherSide(LiveTeacher(teacher), logits, teacher, spec)
+        return TeacherSide(LiveTeacher(live), logits, teacher, spec, teachers)
+    if len(teachers) > 1:
+        raise UserError("a teacher cache holds one teacher; drop --teacher-cache to run several teachers live")
     missing = set(method.teacher_outputs) - set(tc.CachedTeacher.provides)
     if missing:
         raise UserError(f"method '{method.name}' needs teacher outputs {sorted(missing)} that a teacher cache does "
@@ -95,7 +128,29 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
     test_logits = source.test_logits()
     if test_logits is not None and len(test_logits) != len(data.test):
         test_logits = None  # made for another test subset: no teacher figures rather than wrong ones
-    return TeacherSide(source, test_logits, teacher, spec)
+    return TeacherSide(source, test_logits, teacher, spec, teachers)
+
+
+def setup_method(method: Method, student: torch.nn.Module, student_name: str, side: TeacherSide | None,
+                 data: Dataset) -> FeatureTaps | None:
+    """Show the method the models' shapes, let it create its parts, and attach the taps it asked for.
+
+    Returns the student's taps (``None`` when it asked for none); teacher taps live in the teachers.
+    """
+    size = (data.in_chans, data.img_size, data.img_size)
+    s_info = describe(student, student_name, size, data.num_classes)
+    t_infos = []
+    for t in side.teachers if side is not None else []:
+        t_size = t.prep.size or data.img_size
+        t_infos.append(describe(t.model, type(t.model).__name__, (data.in_chans, t_size, t_size), data.num_classes))
+    method.setup(s_info, t_infos)
+    if method.teacher_taps:
+        if side is None or not side.teachers:
+            raise UserError(f"method '{method.name}' reads the teacher's intermediate outputs, which a teacher cache "
+                            "does not hold; drop --teacher-cache to run the teacher live")
+        for t in side.teachers:
+            t.tap(method.teacher_taps)
+    return FeatureTaps(student, method.student_taps) if method.student_taps else None
 
 
 def cache_teacher(cfg: Config, cache_dir: str) -> dict:

@@ -17,6 +17,7 @@ from vitdistill.data import DataSplit, epoch_batches
 from vitdistill.data.mix import Augment
 from vitdistill.engine.runtime import autocast, epoch_seed
 from vitdistill.methods.base import Method, Outputs
+from vitdistill.models.taps import FeatureTaps
 from vitdistill.models.wrappers import student_outputs
 
 
@@ -68,6 +69,7 @@ def train_epoch(
     teacher: TeacherSource | None,
     split: DataSplit,
     augment: Augment,
+    taps: FeatureTaps | None = None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
@@ -93,7 +95,7 @@ def train_epoch(
         hard = target.argmax(dim=1) if target.ndim == 2 else target
         with autocast(device, cfg.amp):
             t_out = teacher(images, idx, epoch) if teacher is not None else None
-            s_out = student_outputs(student, prep(images))
+            s_out = student_outputs(student, prep(images), taps)
             parts = method(s_out, t_out, target)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vitdistill.errors import UserError
+from vitdistill.models.taps import ModelInfo, Tap
 from vitdistill.registry import Registry
 
 Outputs = dict[str, torch.Tensor]
@@ -25,6 +26,17 @@ class Method(torch.nn.Module):
     :meth:`forward`, returning ``{"loss": total, <part>: value, ...}``; the engine logs every part.
     Knobs are keyword arguments of ``__init__`` with the paper's defaults; ``label_smoothing`` comes
     from the training config and applies to losses on ground-truth labels.
+
+    ``teacher_outputs`` names the kinds of teacher output the method reads: ``"logits"`` and/or
+    ``"features"`` (intermediate outputs, which a teacher cache cannot replay). Methods that read
+    intermediate outputs say which in :meth:`setup` by filling ``student_taps`` and
+    ``teacher_taps`` (see :mod:`vitdistill.models.taps`); they then receive them keyed
+    ``"block.i"``, ``"attn.i"`` or ``"qkv.i"`` beside ``"logits"``. With several teachers, teacher
+    i's outputs also arrive as ``"t{i}.<key>"``.
+
+    The engine calls, in order: :meth:`adapt_student` (once, on the fresh student), :meth:`check_student`,
+    :meth:`setup` (once, before the optimizer exists, so projectors it creates are trained and
+    checkpointed), then per epoch :meth:`on_epoch_start` and per step :meth:`forward`.
     """
 
     name: ClassVar[str] = ""
@@ -32,14 +44,25 @@ class Method(torch.nn.Module):
     paper: ClassVar[str] = ""
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
     needs_dist_token: ClassVar[bool] = False
+    teachers_needed: ClassVar[int] = 1  # the least number of teachers the method works with
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.student_taps: tuple[Tap, ...] = ()
+        self.teacher_taps: tuple[Tap, ...] = ()
 
     @property
     def needs_teacher(self) -> bool:
         return bool(self.teacher_outputs)
+
+    def adapt_student(self, student: torch.nn.Module, student_name: str) -> torch.nn.Module:
+        """Return the student this method trains; methods that reshape the student (extra tokens,
+        shared weights) override this. The default trains the student as created."""
+        return student
+
+    def setup(self, student: ModelInfo, teachers: list[ModelInfo]) -> None:
+        """Learn the models' shapes, create projectors and set ``student_taps`` / ``teacher_taps``."""
 
     def check_student(self, student: torch.nn.Module, student_name: str) -> None:
         """Raise a :class:`UserError` when the student cannot serve this method."""

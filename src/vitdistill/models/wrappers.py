@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vitdistill.models.factory import expected_input_size, normalization
+from vitdistill.models.taps import FeatureTaps, Tap
 
 
 class InputPrep(torch.nn.Module):
@@ -43,16 +44,32 @@ def prepare_student(model: torch.nn.Module) -> None:
         model.set_distilled_training(True)
 
 
-def student_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the student in training mode and name its outputs for the method."""
-    out = model(x)
-    if isinstance(out, tuple):
-        return {"logits": out[0], "dist_logits": out[1]}
-    return {"logits": out}
+def name_heads(out: torch.Tensor | tuple | list) -> dict[str, torch.Tensor]:
+    """Name a model's classifier outputs: the class head ``logits``, then ``dist_logits`` (DeiT's
+    distillation token) and ``dist_logits.1``, ``dist_logits.2``... for students with more tokens."""
+    if not isinstance(out, (tuple, list)):
+        return {"logits": out}
+    named = {"logits": out[0]}
+    for i, extra in enumerate(out[1:]):
+        named["dist_logits" if i == 0 else f"dist_logits.{i}"] = extra
+    return named
+
+
+def student_outputs(model: torch.nn.Module, x: torch.Tensor, taps: FeatureTaps | None = None) -> dict[str, torch.Tensor]:
+    """Run the student in training mode and name its outputs (heads, then taps) for the method."""
+    if taps is None or not taps.taps:
+        return name_heads(model(x))
+    with taps.capture():
+        out = name_heads(model(x))
+    out.update(taps.pop())
+    return out
 
 
 class Teacher(torch.nn.Module):
-    """A frozen teacher: always eval mode, no gradient, fed its own input preparation."""
+    """A frozen teacher: always eval mode, no gradient, fed its own input preparation.
+
+    Returns ``{"logits"}`` plus the captures a method asked for with :meth:`tap`.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -60,6 +77,13 @@ class Teacher(torch.nn.Module):
         self.prep = InputPrep.for_model(model)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.taps: FeatureTaps | None = None
+
+    def tap(self, taps: tuple[Tap, ...]) -> None:
+        """Capture ``taps`` on every forward from now on (replacing earlier ones)."""
+        if self.taps is not None:
+            self.taps.remove()
+        self.taps = FeatureTaps(self.model, taps) if taps else None
 
     def train(self, mode: bool = True) -> "Teacher":
         # The teacher never trains, whatever mode its owner is switched to.
@@ -67,7 +91,43 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model(self.prep(images))
-        if isinstance(out, tuple):  # a distilled DeiT teacher: its own inference rule
-            out = (out[0] + out[1]) / 2
-        return {"logits": out.float()}
+        if self.taps is None:
+            return {"logits": self._logits(self.model(self.prep(images)))}
+        with self.taps.capture():
+            out = {"logits": self._logits(self.model(self.prep(images)))}
+        out.update(self.taps.pop())
+        return out
+
+    @staticmethod
+    def _logits(out: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(out, (tuple, list)):  # a distilled DeiT teacher in train mode: its own inference rule
+            out = sum(out) / len(out)
+        return out.float()
+
+
+class TeacherEnsemble(torch.nn.Module):
+    """Several frozen teachers behind one call (Co-advise's teachers of different inductive biases).
+
+    The first teacher's outputs keep their plain names (``logits``, ``block.3``...), so every
+    single-teacher method works unchanged; teacher i's outputs are also given as ``t{i}.<name>``.
+    """
+
+    def __init__(self, teachers: list[Teacher]) -> None:
+        super().__init__()
+        self.teachers = torch.nn.ModuleList(teachers)
+
+    def tap(self, taps: tuple[Tap, ...]) -> None:
+        for t in self.teachers:
+            t.tap(taps)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, teacher in enumerate(self.teachers):
+            got = teacher(images)
+            if i == 0:
+                out.update(got)
+            out.update({f"t{i}.{k}": v for k, v in got.items()})
+        return out
