@@ -36,3 +36,42 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = run_cli("train", "--model", "resnet_micro_cnn", "--epochs", "3", "--out", str(out), "--lr", "3e-3", *TINY)
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def vit_teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT teacher (vit_femto_patch4_16, 16 px digits) for the methods that need a ViT teacher."""
+    out = tmp_path_factory.mktemp("runs") / "vit-teacher"
+    r = run_cli("train", "--model", "vit_femto_patch4_16", "--epochs", "2", "--out", str(out), "--lr", "3e-3", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def distill_args(method: str, student: str, teacher: str, teacher_weights: Path, *extra: str) -> list[str]:
+    """A tiny 2-epoch ``distill`` command line for one method (students and teachers at 16 px digits)."""
+    return ["distill", "--method", method, "--student", student, "--teacher", teacher,
+            "--teacher-weights", str(teacher_weights), "--epochs", "2", *TINY, *extra]
+
+
+def check_distill_and_resume(tmp_path: Path, args: list[str]) -> dict:
+    """Run ``args`` for 2 epochs straight, and again as 1 epoch then ``--resume`` to 2 (same config but
+    for the epoch count, which the resume check allows to grow only through this fresh-out trick: the
+    first leg writes its checkpoint, the second continues it). Both must end with the same metrics,
+    which holds only when the method's own state (projectors, stage) is saved and restored.
+    Returns the straight run's summary."""
+    import json
+
+    straight = tmp_path / "straight"
+    r = run_cli(*args, "--out", str(straight))
+    assert r.returncode == 0, r.stderr
+    resumed = tmp_path / "resumed"
+    r = run_cli(*args, "--out", str(resumed), "--set", "train.stop_after=1")
+    assert r.returncode == 0, r.stderr
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 1
+    r = run_cli(*args, "--out", str(resumed), "--resume")
+    assert r.returncode == 0, r.stderr
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    keys = [k for k in a[-1] if k.startswith(("loss", "train_loss", "test_"))]
+    assert [[row[k] for k in keys] for row in a] == [[row[k] for k in keys] for row in b]
+    return json.loads((straight / "summary.json").read_text())

@@ -86,7 +86,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict) -> None:
     keys = ["method", "student", "student_top1", "teacher", "teacher_top1", "agreement", "params", "flops",
-            "latency_ms_b1", "wall_s"]
+            "latency_ms_b1", "wall_s", "stopped_after_epoch"]
     print(json.dumps({k: summary.get(k) for k in keys if summary.get(k) is not None}))
 
 

@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 256
     progress: bool = True
+    stop_after: int | None = None  # end this invocation after N epochs; --resume continues the run
 
 
 @dataclass

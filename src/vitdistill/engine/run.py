@@ -27,7 +27,7 @@ from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
 # Keys that may change between a run and its resume without changing its result.
-_RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("out",)}
+_RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("train", "stop_after"), ("out",)}
 
 
 def _comparable(cfg: dict) -> dict:
@@ -129,6 +129,10 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
             "config": json.dumps(resolved),
         })
+        if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < cfg.train.epochs:
+            print(f"stopped after epoch {epoch + 1} of {cfg.train.epochs} (train.stop_after); --resume continues",
+                  flush=True)
+            return {"stopped_after_epoch": epoch + 1, "epochs": cfg.train.epochs, "out": str(out)}
     wall = wall_before + time.perf_counter() - started
 
     weights_name = "student.safetensors" if mode == "distill" else "model.safetensors"

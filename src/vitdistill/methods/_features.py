@@ -1,0 +1,77 @@
+"""Shared pieces of the feature-based methods: layer maps from knobs, tokens from feature maps,
+projectors.
+
+A ViT block gives tokens ``[B, N, D]`` (prefix tokens first); a CNN stage gives a feature map
+``[B, C, H, W]``. Feature methods compare them on a common footing: the student's patch tokens on
+their ``h x w`` grid, and the teacher's output brought to that grid (a CNN map is average-pooled
+to the student's grid and flattened to tokens, as CNN-to-ViT feature distillation does).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitdistill.errors import UserError
+from vitdistill.models.taps import LayerInfo, ModelInfo, resolve_layer_map
+
+
+def layer_pairs(method: str, student: ModelInfo, teachers: list[ModelInfo], student_layers: list[int] | None,
+                teacher_layers: list[int] | None) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs for a feature method, from its knobs or the uniform map."""
+    if not teachers:
+        raise UserError(f"method '{method}' reads the teacher's intermediate outputs; run it with a live teacher "
+                        "(--teacher NAME --teacher-weights FILE), not a teacher cache")
+    return resolve_layer_map(student, teachers[0], student_layers, teacher_layers)
+
+
+def require_vit(method: str, info: ModelInfo, role: str, serves: str) -> None:
+    """One-line error when a method that reads attention or tokens is given a CNN."""
+    if info.kind != "vit":
+        raise UserError(f"method '{method}' needs a ViT {role} ({info.name} is a CNN); it serves {serves}")
+
+
+def grid_of(layer: LayerInfo, num_prefix_tokens: int) -> tuple[int, int]:
+    """The spatial grid of a layer: a feature map's (H, W), or the square grid of a ViT's patch tokens."""
+    if len(layer.shape) == 3:
+        return layer.shape[1], layer.shape[2]
+    n = layer.shape[0] - num_prefix_tokens
+    side = math.isqrt(n)
+    if side * side != n:
+        raise UserError(f"layer {layer.path} has {n} patch tokens, not a square grid; feature methods need square "
+                        "inputs")
+    return side, side
+
+
+def patch_tokens(x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """A ViT block's patch tokens ``[B, N - prefix, D]`` (class, distillation and register tokens dropped)."""
+    return x[:, num_prefix_tokens:]
+
+
+def to_tokens(x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Any layer output as patch tokens ``[B, h*w, C]`` on ``grid``.
+
+    A CNN map ``[B, C, H, W]`` is average-pooled (or bilinearly resized, when it is smaller) to
+    ``grid``; a ViT's tokens lose their prefix and are resized on their own grid when it differs.
+    """
+    if x.ndim == 3:
+        x = patch_tokens(x, num_prefix_tokens)
+        side = math.isqrt(x.shape[1])
+        if (side, side) == tuple(grid):
+            return x
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+    if x.shape[-2:] != tuple(grid):
+        if x.shape[-2] >= grid[0] and x.shape[-1] >= grid[1]:
+            x = F.adaptive_avg_pool2d(x, grid)
+        else:
+            x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+def projector(d_in: int, d_out: int, identity_when_equal: bool = False) -> nn.Module:
+    """A learned linear map from student width to teacher width (FitNets' regressor)."""
+    if identity_when_equal and d_in == d_out:
+        return nn.Identity()
+    return nn.Linear(d_in, d_out)
