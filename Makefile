@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/vitdistill demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
+	sh tools/ensure-chromium.sh
 	$(BIN)/python -m pytest tests
 
 clean:

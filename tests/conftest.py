@@ -53,11 +53,18 @@ def distill_args(method: str, student: str, teacher: str, teacher_weights: Path,
             "--teacher-weights", str(teacher_weights), "--epochs", "2", *TINY, *extra]
 
 
+def run_cli_here(*args: str) -> int:
+    """The CLI's entry point in this process: the same code path as ``vitdistill ...`` without a new
+    interpreter (importing torch and timm again costs seconds per call on a 2-core machine)."""
+    from vitdistill.cli import main
+
+    return main(list(args))
+
+
 def check_distill_and_resume(tmp_path: Path, args: list[str]) -> dict:
-    """Run ``args`` for 2 epochs straight, and again as 1 epoch then ``--resume`` to 2 (same config but
-    for the epoch count, which the resume check allows to grow only through this fresh-out trick: the
-    first leg writes its checkpoint, the second continues it). Both must end with the same metrics,
-    which holds only when the method's own state (projectors, stage) is saved and restored.
+    """Run ``args`` for 2 epochs straight through the real command line, and again in this process as
+    1 epoch (``train.stop_after=1``) then ``--resume``. Both must end with the same metrics, which
+    holds only when the method's own state (projectors, stage, random draws) is saved and restored.
     Returns the straight run's summary."""
     import json
 
@@ -65,11 +72,9 @@ def check_distill_and_resume(tmp_path: Path, args: list[str]) -> dict:
     r = run_cli(*args, "--out", str(straight))
     assert r.returncode == 0, r.stderr
     resumed = tmp_path / "resumed"
-    r = run_cli(*args, "--out", str(resumed), "--set", "train.stop_after=1")
-    assert r.returncode == 0, r.stderr
+    assert run_cli_here(*args, "--out", str(resumed), "--set", "train.stop_after=1") == 0
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 1
-    r = run_cli(*args, "--out", str(resumed), "--resume")
-    assert r.returncode == 0, r.stderr
+    assert run_cli_here(*args, "--out", str(resumed), "--resume") == 0
     a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     keys = [k for k in a[-1] if k.startswith(("loss", "train_loss", "test_"))]

@@ -244,10 +244,11 @@ def test_label_smoothing_reaches_the_method():
 
 
 @pytest.fixture(scope="module")
-def teacher() -> Teacher:
+def teachers() -> dict[str, Teacher]:
     torch.manual_seed(0)
-    model, _ = create_model("resnet_micro_cnn", 10, 16)
-    return Teacher(model)
+    cnn, _ = create_model("resnet_micro_cnn", 10, 16)
+    vit, _ = create_model("vit_femto_patch4_16", 10, 16)
+    return {"cnn": Teacher(cnn), "vit": Teacher(vit)}
 
 
 def _students_for(method: Method) -> list[str]:
@@ -256,21 +257,47 @@ def _students_for(method: Method) -> list[str]:
     return ["vit_femto_patch4_16", "deit_femto_distilled_patch4_16"]
 
 
+def _set_up(name: str, student: torch.nn.Module, student_name: str, teachers: dict[str, Teacher]):
+    """The engine's order (adapt, check, setup, taps) with the first teacher pairing the method serves."""
+    from vitdistill.models.taps import FeatureTaps, describe
+    from vitdistill.models.wrappers import TeacherEnsemble
+
+    choices = [["cnn", "vit"]] if METHODS.get(name).teachers_needed > 1 else [["cnn"], ["vit"]]
+    for kinds in choices:
+        method = build_method({"name": name}, label_smoothing=0.1)
+        adapted = method.adapt_student(student, student_name)
+        method.check_student(adapted, student_name)
+        prepare_student(adapted)
+        chosen = [teachers[k] for k in kinds]
+        try:
+            method.setup(describe(adapted, student_name, (3, 16, 16), 10),
+                         [describe(t.model, k, (3, 16, 16), 10) for k, t in zip(kinds, chosen)])
+        except UserError:
+            continue
+        for t in chosen:
+            t.tap(method.teacher_taps)
+        source = chosen[0] if len(chosen) == 1 else TeacherEnsemble(chosen)
+        taps = FeatureTaps(adapted, method.student_taps) if method.student_taps else None
+        return method, adapted, source, taps
+    raise AssertionError(f"{name} serves neither a CNN nor a ViT teacher")
+
+
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_student_parameter_learns_and_the_teacher_does_not(name, teacher):
-    method = build_method({"name": name}, label_smoothing=0.1)
+def test_every_student_parameter_learns_and_the_teacher_does_not(name, teachers):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
     target = torch.tensor([0, 3, 7, 9])
-    for student_name in _students_for(method):
+    for student_name in _students_for(METHODS.get(name)):
         torch.manual_seed(0)
         student, _ = create_model(student_name, 10, 16)
-        method.check_student(student, student_name)
-        prepare_student(student)
+        method, student, source, taps = _set_up(name, student, student_name, teachers)
         student.train()
-        teacher.train()  # what an owner switching everything to train mode would do
-        s_out = student_outputs(student, InputPrep.for_model(student)(images))
-        t_out = teacher(images) if method.needs_teacher else None
+        method.train()
+        method.on_epoch_start(0)
+        for t in teachers.values():
+            t.train()  # what an owner switching everything to train mode would do
+        s_out = student_outputs(student, InputPrep.for_model(student)(images), taps)
+        t_out = source(images) if method.needs_teacher else None
         out = method(s_out, t_out, target)
         assert torch.isfinite(out["loss"])
         out["loss"].backward()
@@ -279,13 +306,19 @@ def test_every_student_parameter_learns_and_the_teacher_does_not(name, teacher):
         assert no_grad == [], f"{name} on {student_name}: no gradient for {no_grad}"
         for n, p in student.named_parameters():
             assert torch.isfinite(p.grad).all(), n
-        heads = ["head"] + (["head_dist"] if "distilled" in student_name else [])
+        no_grad = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+        assert no_grad == [], f"{name}: its own parameters {no_grad} get no gradient"
+        heads = [m for m in ("head", "head_dist") if isinstance(getattr(student, m, None), torch.nn.Linear)]
         for h in heads:
             assert getattr(student, h).weight.grad.abs().sum() > 0, f"{name}: {h} does not learn"
 
-        assert not teacher.training
-        for n, p in teacher.named_parameters():
-            assert not p.requires_grad and p.grad is None, n
+        for t in teachers.values():
+            assert not t.training
+            t.tap(())
+            for n, p in t.named_parameters():
+                assert not p.requires_grad and p.grad is None, n
+        if taps is not None:
+            taps.remove()
 
 
 # ---------------------------------------------------------------- building and checking

@@ -1,4 +1,4 @@
-"""The ``vitdistill`` command: train, distill, cache-teacher, eval, profile, demo, methods, models.
+"""The ``vitdistill`` command: train, distill, cache-teacher, compare, eval, profile, demo, methods, models.
 
 Every training option is also a config key: ``--config FILE`` then the flags then ``--set a.b=v``,
 later layers winning. A user error prints one line and exits with code 2.
@@ -101,6 +101,12 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vitdistill.compare import compare_cli
+
+    return compare_cli(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vitdistill.evaluation import evaluate_cli
 
@@ -143,6 +149,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("registered tiny configs (any timm model name works too; `vitdistill models --timm 'deit*'`):")
     for name, tiny in TINY_MODELS.items():
         print(f"  {name:<32} {tiny.summary}  [timm {tiny.arch}]")
+    print(f"  {'rednet_micro_inv':<32} involution network (RedNet-style, ~0.3M params), Co-advise's second teacher")
     return 0
 
 
@@ -173,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, help="logits kept per sample and epoch (default 10)")
     p.add_argument("--cache", help="folder of the cache (written, or resumed when it exists)")
     p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("compare", help="run a grid of methods x students over seeds and write a leaderboard",
+                       description="Run every cell (method x student) of the config's 'compare:' section for every "
+                       "seed, resuming what is unfinished, then write leaderboard.csv/.md/.html and plots into --out.")
+    p.add_argument("--config", help="run config with a 'compare:' section of seeds and cells (docs/compare.md)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted override for every run, e.g. --set train.epochs=3 or compare.seeds=[0] (repeatable)")
+    p.add_argument("--out", help="the compare folder (default: the config's out, else runs/compare-<config name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (teacher, caches, runs and their state)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the leaderboard from the finished runs in --out; trains nothing")
+    p.add_argument("--no-progress", action="store_true", help="no per-run progress bar (the k/N lines stay)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model (and agreement with a teacher)")
     p.add_argument("--student", required=True, help="a run directory, or a model name with --weights")

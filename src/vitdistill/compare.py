@@ -1,0 +1,418 @@
+"""``vitdistill compare``: a grid of (method, student) cells over seeds, ending in one leaderboard.
+
+The config is a normal run config plus a ``compare:`` section (docs/compare.md). Every (cell, seed)
+is one ordinary run directory under ``OUT/cells/<label>/seed<k>``, so a grid is resumable for free:
+a run with ``summary.json`` is finished and skipped, one with only ``checkpoint.pt`` is resumed.
+A teacher named in ``compare.teacher`` is trained once into ``OUT/teacher``; logit-only methods can
+replay one teacher cache per seed (``OUT/caches``) instead of running the teacher in every run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitdistill.config import Config, build_config, load_yaml, parse_override
+from vitdistill.engine import io
+from vitdistill.errors import UserError, did_you_mean
+
+COMPARE_KEYS = ("seeds", "teacher", "teacher_cache", "cells")
+CELL_KEYS = ("method", "student", "knobs", "label", "teacher", "teacher_weights", "teacher_cache", "set")
+TEACHER_KEYS = ("model", "weights", "kwargs", "epochs", "lr", "set")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def _check_keys(where: str, value: Any, known: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"'{where}' must be a mapping with keys {', '.join(known)}")
+    for key in value:
+        if key not in known:
+            raise UserError(f"unknown key '{where}.{key}'{did_you_mean(str(key), known)}; known keys under "
+                            f"'{where}': {', '.join(known)}")
+    return value
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _overrides(where: str, value: Any) -> dict:
+    """A ``set:`` entry as one config layer: a list of ``key=value`` strings or a mapping of dotted keys."""
+    if value is None:
+        return {}
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [parse_override(v) for v in value]
+    elif isinstance(value, dict):
+        items = [_nest(str(k), v) for k, v in value.items()]
+    else:
+        raise UserError(f"'{where}' must be a mapping of dotted keys (train.lr: 0.002) or a list of 'key=value'")
+    layer: dict = {}
+    for item in items:
+        layer = _merge(layer, item)
+    return layer
+
+
+@dataclasses.dataclass
+class Cell:
+    label: str
+    method: str
+    student: str
+    knobs: dict = dataclasses.field(default_factory=dict)
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_cache: bool | None = None
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Spec:
+    seeds: list[int]
+    cells: list[Cell]
+    teacher: dict | None = None
+    teacher_cache: bool = False
+
+
+def parse_spec(raw: Any, default_student: str) -> Spec:
+    """Validate the ``compare:`` section; every mistake is a one-line :class:`UserError`."""
+    if raw is None:
+        raise UserError("the config has no 'compare:' section; add one with seeds and cells (docs/compare.md)")
+    raw = _check_keys("compare", raw, COMPARE_KEYS)
+    seeds = raw.get("seeds", [0, 1, 2])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise UserError(f"'compare.seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    teacher = raw.get("teacher")
+    if isinstance(teacher, str):
+        teacher = {"model": teacher}
+    if teacher is not None:
+        teacher = dict(_check_keys("compare.teacher", teacher, TEACHER_KEYS))
+        if not isinstance(teacher.get("model"), str):
+            raise UserError("'compare.teacher.model' must name the teacher model, e.g. resnet_micro_cnn")
+        teacher["set"] = _overrides("compare.teacher.set", teacher.get("set"))
+    use_cache = raw.get("teacher_cache", False)
+    if not isinstance(use_cache, bool):
+        raise UserError(f"'compare.teacher_cache' must be true or false, got {use_cache!r}")
+    cells_raw = raw.get("cells")
+    if not isinstance(cells_raw, list) or not cells_raw:
+        raise UserError("'compare.cells' is empty; list at least one cell, e.g. - {method: none, student: "
+                        "vit_femto_patch4_16}")
+    cells = []
+    for i, c in enumerate(cells_raw):
+        where = f"compare.cells[{i}]"
+        c = _check_keys(where, c, CELL_KEYS)
+        if not isinstance(c.get("method"), str):
+            raise UserError(f"'{where}.method' must name a method; `vitdistill methods` lists them")
+        knobs = c.get("knobs") or {}
+        if not isinstance(knobs, dict):
+            raise UserError(f"'{where}.knobs' must be a mapping of the method's knobs, e.g. {{tau: 2.0}}")
+        if c.get("teacher_cache") is not None and not isinstance(c["teacher_cache"], bool):
+            raise UserError(f"'{where}.teacher_cache' must be true or false")
+        cells.append(Cell(label=str(c.get("label") or ""), method=c["method"],
+                          student=str(c.get("student") or default_student), knobs=dict(knobs),
+                          teacher=c.get("teacher"), teacher_weights=c.get("teacher_weights"),
+                          teacher_cache=c.get("teacher_cache"), overrides=_overrides(f"{where}.set", c.get("set"))))
+    methods = [c.method for c in cells if not c.label]
+    for c in cells:
+        if not c.label:
+            c.label = c.method if methods.count(c.method) == 1 else f"{c.method}-{c.student}"
+        if not _LABEL.match(c.label):
+            raise UserError(f"cell label '{c.label}' must be letters, digits, '.', '_', '+' or '-' (it names a folder)")
+    labels = [c.label for c in cells]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise UserError(f"two cells share the label '{label}'; give each a distinct 'label:'")
+    return Spec(seeds=seeds, cells=cells, teacher=teacher, teacher_cache=use_cache)
+
+
+@dataclasses.dataclass
+class Job:
+    label: str
+    seed: int
+    out: Path
+    cfg: Config
+    mode: str = "train"
+    cache: Path | None = None  # the cache this run replays
+    needs_teacher_run: bool = False  # waits for OUT/teacher to finish
+
+
+def _status(run_dir: Path) -> str:
+    done, started = (run_dir / "summary.json").exists(), (run_dir / "checkpoint.pt").exists()
+    return "done" if done else "resume" if started else "new"
+
+
+def _cache_done(cache_dir: Path, epochs: int) -> bool:
+    head = cache_dir / "header.json"
+    try:
+        have = json.loads(head.read_text())["epochs"] if head.exists() else 0
+    except (ValueError, KeyError):
+        return False
+    return (have >= epochs and (cache_dir / "test.safetensors").exists()
+            and all((cache_dir / f"epoch_{e:04d}.safetensors").exists() for e in range(epochs)))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:40]
+
+
+def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job], list[Job]]:
+    """(teacher job, cache jobs, run jobs in order: seed-major, cells in config order)."""
+    from vitdistill.methods import METHODS, build_method
+    from vitdistill.models import TINY_MODELS
+    from vitdistill.models.factory import known_model, resolve_weights_path
+
+    out = out.resolve()
+    teacher_job, teacher_ref = None, {}
+    if spec.teacher:
+        t = spec.teacher
+        train = {"seed": spec.seeds[0], **{k: t[k] for k in ("epochs", "lr") if k in t}}
+        layer = {"model": {"student": t["model"], "student_weights": t.get("weights"),
+                           "student_kwargs": t.get("kwargs") or {}, "teacher": None, "teacher_weights": None},
+                 "method": {"name": "none"}, "train": train, "cache": {"dir": None}}
+        cfg = build_config([*base, layer, t["set"], {"out": str(out / "teacher"), "train": {"seed": spec.seeds[0]}}])
+        teacher_job = Job("teacher", spec.seeds[0], out / "teacher", cfg)
+        teacher_ref = {"teacher": t["model"], "teacher_weights": str(out / "teacher"),
+                       "teacher_kwargs": t.get("kwargs") or {}}
+    classes = {c.label: METHODS.get(c.method) for c in spec.cells}
+    for c in spec.cells:
+        if not known_model(c.student):
+            import timm
+
+            choices = list(TINY_MODELS) + timm.list_models(pretrained=False)
+            raise UserError(f"unknown model '{c.student}'{did_you_mean(c.student, choices)} in cell '{c.label}'; "
+                            "`vitdistill models` lists them")
+    caches: dict[Path, Job] = {}
+    runs: list[Job] = []
+    for seed in spec.seeds:
+        for cell in spec.cells:
+            cls = classes[cell.label]
+            model: dict = {"student": cell.student}
+            if not cls.teacher_outputs:
+                model.update(teacher=None, teacher_weights=None)
+            elif cell.teacher:
+                model.update(teacher=cell.teacher, teacher_weights=cell.teacher_weights)
+            else:
+                model.update(teacher_ref)
+            run_dir = out / "cells" / cell.label / f"seed{seed}"
+            layers = [*base, {"model": model, "method": {"name": cell.method, **cell.knobs}}, cell.overrides,
+                      {"train": {"seed": seed}, "out": str(run_dir)}]
+            cfg = build_config(layers)
+            build_method(cfg.method, cfg.train.label_smoothing)  # knob errors now, not after an hour
+            job = Job(cell.label, seed, run_dir, cfg, "distill" if cls.teacher_outputs else "train")
+            if not cls.teacher_outputs:
+                cfg.cache.dir = None
+            elif not cfg.model.teacher and not cfg.cache.dir:
+                raise UserError(f"cell '{cell.label}' (method {cell.method}) needs a teacher; give compare.teacher, "
+                                "model.teacher with model.teacher_weights, or the cell's teacher")
+            job.needs_teacher_run = bool(teacher_ref) and cfg.model.teacher_weights == teacher_ref["teacher_weights"]
+            if cfg.model.teacher_weights and not job.needs_teacher_run:
+                for w in cfg.model.teacher_weights.split(","):
+                    resolve_weights_path(w.strip())  # a wrong path fails now, not in the middle of the grid
+            use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
+            if (use and cls.teacher_outputs == ("logits",) and cls.teachers_needed <= 1 and cfg.model.teacher
+                    and "," not in cfg.model.teacher):
+                m = cfg.model  # what the cache's content depends on, beside the seed and the epochs
+                key = json.dumps([m.teacher, m.teacher_weights, m.teacher_kwargs, m.pretrained,
+                                  dataclasses.asdict(cfg.data), cfg.cache.topk, cfg.cache.value_dtype],
+                                 sort_keys=True, default=str)
+                name = f"{_slug(cfg.model.teacher)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+                job.cache = out / "caches" / name / f"seed{seed}"
+                cfg.cache.dir = str(job.cache)
+                if job.cache not in caches:
+                    caches[job.cache] = Job(name, seed, job.cache, copy.deepcopy(cfg),
+                                            needs_teacher_run=job.needs_teacher_run)
+                cache_job = caches[job.cache]
+                cache_job.cfg.train.epochs = max(cache_job.cfg.train.epochs, cfg.train.epochs)
+            runs.append(job)
+    return teacher_job, list(caches.values()), runs
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _epochs_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+class Progress:
+    """k/N lines with an ETA from finished runs' seconds per epoch (the cell's own rate when known)."""
+
+    def __init__(self, runs: list[Job]) -> None:
+        self.runs, self.started = runs, time.perf_counter()
+        self.rate: dict[str, list[float]] = {}  # label -> [seconds, epochs]
+
+    def record(self, label: str, seconds: float, epochs: int) -> None:
+        if epochs > 0:
+            old = self.rate.get(label, [0.0, 0])
+            self.rate[label] = [old[0] + seconds, old[1] + epochs]
+
+    def eta(self) -> str:
+        total = [sum(v[0] for v in self.rate.values()), sum(v[1] for v in self.rate.values())]
+        if not total[1]:
+            return "eta ?"
+        left = 0.0
+        for job in self.runs:
+            if not (job.out / "summary.json").exists():
+                s, e = self.rate.get(job.label, total)
+                left += (s / e) * max(0, job.cfg.train.epochs - _epochs_done(job.out))
+        return f"eta {_clock(left)}"
+
+    def line(self, k: int, text: str) -> None:
+        elapsed = _clock(time.perf_counter() - self.started)
+        print(f"[{k}/{len(self.runs)}] {text}  (elapsed {elapsed}, {self.eta()})", flush=True)
+
+
+def _warn_if_changed(job: Job) -> None:
+    from vitdistill.engine.run import _comparable, _first_difference
+
+    try:
+        saved = yaml.safe_load((job.out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    diff = _first_difference(_comparable(job.cfg.to_dict()), _comparable(saved or {}))
+    if diff:
+        print(f"  note: '{job.out}' finished under another config ({diff}); delete it to rerun", flush=True)
+
+
+def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
+    """Run what is missing; returns the number of runs left unfinished (stopped or waiting)."""
+    from vitdistill.engine.run import run
+    from vitdistill.engine.setup import cache_teacher
+
+    progress = Progress(runs)
+    for job in runs:
+        if (job.out / "summary.json").exists():
+            summary = json.loads((job.out / "summary.json").read_text())
+            progress.record(job.label, float(summary.get("wall_s") or 0), int(summary.get("epochs") or 0))
+    teacher_ready = True
+    if teacher is not None:
+        status = _status(teacher.out)
+        if status == "done":
+            print(f"teacher: skip {teacher.cfg.model.student} ({teacher.out}, finished)", flush=True)
+        else:
+            print(f"teacher: train {teacher.cfg.model.student} for {teacher.cfg.train.epochs} epochs -> "
+                  f"{teacher.out} ({status})", flush=True)
+            summary = run(teacher.cfg, "train", resume=status == "resume")
+            teacher_ready = "stopped_after_epoch" not in summary
+            took = _clock(time.perf_counter() - progress.started)
+            print(f"teacher: done, top-1 {100 * summary['student_top1']:.2f} in {took}" if teacher_ready else
+                  f"teacher: stopped after epoch {summary['stopped_after_epoch']} in {took}; rerun to continue",
+                  flush=True)
+    written: set[Path] = set()
+    left = 0
+    for k, job in enumerate(runs, 1):
+        what = f"{job.label} seed {job.seed}"
+        status = _status(job.out)
+        if status == "done":
+            progress.line(k, f"skip {what} (finished)")
+            _warn_if_changed(job)
+            continue
+        if job.needs_teacher_run and not teacher_ready:
+            progress.line(k, f"wait {what}: the teacher is unfinished; rerun to continue")
+            left += 1
+            continue
+        if job.cache is not None and job.cache not in written:
+            cache = next(c for c in caches if c.out == job.cache)
+            if _cache_done(cache.out, cache.cfg.train.epochs):
+                print(f"cache: skip {cache.out} (complete)", flush=True)
+            else:
+                print(f"cache: write {cache.cfg.train.epochs} epochs of teacher outputs -> {cache.out}", flush=True)
+                cache_teacher(cache.cfg, str(cache.out))
+            written.add(job.cache)
+        progress.line(k, f"start {what}: {job.mode} {job.cfg.model.student} ({status})")
+        before, t0 = _epochs_done(job.out), time.perf_counter()
+        summary = run(job.cfg, job.mode, resume=status == "resume")
+        seconds = time.perf_counter() - t0
+        progress.record(job.label, seconds, _epochs_done(job.out) - before)
+        if "stopped_after_epoch" in summary:
+            left += 1
+            progress.line(k, f"stopped {what} after epoch {summary['stopped_after_epoch']} in {seconds:.1f} s")
+        else:
+            progress.line(k, f"done {what}: top-1 {100 * summary['student_top1']:.2f} in {seconds:.1f} s")
+    return left
+
+
+def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Spec, out: Path) -> None:
+    print(f"compare: {len(spec.cells)} cells x {len(spec.seeds)} seed(s) = {len(runs)} runs in {out}")
+    if teacher is not None:
+        print(f"teacher  train {teacher.cfg.model.student}, {teacher.cfg.train.epochs} epochs, seed {teacher.seed} "
+              f"-> {teacher.out} [{_status(teacher.out)}]")
+    for c in caches:
+        state = "complete" if _cache_done(c.out, c.cfg.train.epochs) else "to write"
+        print(f"cache    {c.cfg.model.teacher}, {c.cfg.train.epochs} epochs, seed {c.seed} -> {c.out} [{state}]")
+    for k, job in enumerate(runs, 1):
+        m = job.cfg.method
+        knobs = ", ".join(f"{a}={b}" for a, b in m.items() if a != "name")
+        via = f" via cache {job.cache.parent.name}" if job.cache else ""
+        teach = f" <- {job.cfg.model.teacher}{via}" if job.mode == "distill" else ""
+        print(f"run {k}/{len(runs)}  {job.label} seed {job.seed}: {job.mode} {m['name']}"
+              f"{' (' + knobs + ')' if knobs else ''} {job.cfg.model.student}{teach}, {job.cfg.train.epochs} epochs "
+              f"-> {job.out} [{_status(job.out)}]")
+
+
+def compare_cli(args: Any) -> int:
+    """``vitdistill compare``: plan, run what is missing, write the leaderboard."""
+    from vitdistill.report.leaderboard import write_leaderboard
+
+    raw: dict = {}
+    sets: list[dict] = []
+    section = None
+    if args.config:
+        raw = load_yaml(args.config)
+        sets = [parse_override(s) for s in args.set or []]
+        section = raw.pop("compare", None)
+        for layer in sets:
+            if "compare" in layer:
+                extra = layer.pop("compare")
+                section = _merge(section or {}, extra) if isinstance(extra, dict) else extra
+    elif not (args.report_only and args.out):
+        raise UserError("compare needs --config FILE, a run config with a 'compare:' section (docs/compare.md)")
+    out_key = [layer.pop("out", None) for layer in [raw, *sets]]
+    out = Path(args.out or next((o for o in reversed(out_key) if o), None) or f"runs/compare-{Path(args.config).stem}")
+    if args.report_only:
+        rows = write_leaderboard(out)
+        print(f"leaderboard of {len(rows)} rows in {out}/leaderboard.html (.md, .csv)")
+        return 0
+    base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else [])
+    spec = parse_spec(section, build_config(base).model.student)
+    teacher, caches, runs = plan(spec, base, out)
+    if args.dry_run:
+        print_plan(teacher, caches, runs, spec, out.resolve())
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
+                                         "teacher": "teacher" if teacher else None})
+    try:
+        left = execute(teacher, caches, runs)
+    except KeyboardInterrupt:
+        print("interrupted; finished epochs are saved, rerun the same command to continue", file=sys.stderr)
+        return 130
+    if not any((j.out / "summary.json").exists() for j in runs):
+        print(f"no run finished yet; rerun the same command to continue ({left} unfinished)")
+        return 0
+    write_leaderboard(out)
+    print((out / "leaderboard.md").read_text())
+    tail = f"; {left} runs unfinished, rerun the same command to continue" if left else ""
+    print(f"leaderboard in {out}/leaderboard.html (.md, .csv, and the PNGs){tail}")
+    return 0

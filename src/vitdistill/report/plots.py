@@ -1,0 +1,95 @@
+"""The leaderboard's pictures: accuracy against a cost with its Pareto front, and learning curves.
+
+Each function returns PNG bytes from an explicit Agg canvas (no display, no global pyplot state);
+the caller writes them atomically and embeds them in the HTML.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower-or-equal cost and higher-or-equal accuracy,
+    one of them strictly. Returned by increasing cost (so accuracy increases along them)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    best = -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _short(v: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(v) >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
+
+
+def _png(fig: object) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+def _figure(size: tuple[float, float]) -> tuple[object, object]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def accuracy_vs_cost(rows: list[dict], cost_key: str, cost_label: str, title: str) -> bytes:
+    """Each row's mean top-1 (%) against ``row[cost_key]`` on a log axis, error bars = the spread over
+    seeds, the Pareto front as a step line and the teacher (``role == "teacher"``) as a star."""
+    fig, ax = _figure((7, 4.5))
+    pts = [r for r in rows if r.get(cost_key) and r.get("top1_mean") is not None]
+    xs = [float(r[cost_key]) for r in pts]
+    ys = [100 * float(r["top1_mean"]) for r in pts]
+    for r, x, y in zip(pts, xs, ys):
+        teacher = r.get("role") == "teacher"
+        ax.errorbar([x], [y], yerr=[100 * float(r.get("top1_std") or 0)], fmt="*" if teacher else "o",
+                    markersize=14 if teacher else 7, capsize=3, color="tab:red" if teacher else "tab:blue",
+                    label="teacher" if teacher else None)
+        ax.annotate(str(r["label"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = pareto_front(list(zip(xs, ys)))
+    if front:
+        fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+        ax.step(fx, fy, where="post", color="tab:green", alpha=0.7, linewidth=1.5, label="Pareto front")
+    if xs:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: _short(v))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+    ax.set(title=title, xlabel=cost_label, ylabel="top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def learning_curves(curves: dict[str, tuple[list[int], list[float]]], teacher: tuple[list[int], list[float]] | None
+                    ) -> bytes:
+    """Test top-1 (%) per epoch of every cell (already averaged over seeds) on one chart."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure((7, 4.5))
+    for label, (epochs, top1) in curves.items():
+        ax.plot(epochs, [100 * v for v in top1], marker="o", markersize=3, label=label)
+    if teacher and teacher[0]:
+        ax.plot(teacher[0], [100 * v for v in teacher[1]], linestyle="--", color="black", label="teacher")
+    ax.set(title="Test top-1 per epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,190 @@
+"""`vitdistill compare`: a tiny grid end to end (interrupted, resumed, rerun), the leaderboard's
+figures against the runs' summaries, the HTML rendered by headless Chromium, and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from vitdistill.cli import main
+from vitdistill.compare import parse_spec
+from vitdistill.errors import UserError
+from vitdistill.report.leaderboard import CSV_COLUMNS, build_rows
+from vitdistill.report.plots import pareto_front
+
+CONFIG = """
+data: {source: digits, train_limit: 256, test_limit: 128}
+train: {epochs: 2, batch_size: 64, threads: 1, progress: false, warmup_epochs: 0.5}
+compare:
+  seeds: [0, 1]
+  teacher: {model: resnet_micro_cnn, epochs: 2, lr: 0.003}
+  teacher_cache: true
+  cells:
+    - {method: none, student: vit_femto_patch4_16}
+    - {method: deit-hard, student: deit_femto_distilled_patch4_16}
+    - {method: logit-kd, student: vit_femto_patch4_16, knobs: {tau: 2.0}, label: logit-kd-t2}
+"""
+CELLS = ["none", "deit-hard", "logit-kd-t2"]
+PNGS = ["accuracy_vs_latency.png", "accuracy_vs_params.png", "learning_curves.png"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The grid run twice: first stopped after one epoch per run, then finished by resuming."""
+    root = tmp_path_factory.mktemp("compare")
+    (root / "grid.yaml").write_text(CONFIG)
+    out = root / "out"
+    args = ["compare", "--config", str(root / "grid.yaml"), "--out", str(out)]
+    r = run_cli(*args, "--set", "train.stop_after=1")
+    assert r.returncode == 0, r.stderr
+    first = out / "cells" / "none" / "seed0"
+    assert (first / "checkpoint.pt").exists() and not (first / "summary.json").exists()
+    assert (out / "teacher" / "checkpoint.pt").exists() and not (out / "teacher" / "summary.json").exists()
+    epoch1 = (first / "metrics.jsonl").read_text().splitlines()
+    assert len(epoch1) == 1 and "wait deit-hard seed 0" in r.stdout
+
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("(resume)") == 3  # the teacher and the two no-KD runs
+    lines = (first / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == epoch1[0]  # continued, not restarted
+    return out
+
+
+def _summaries(out: Path, label: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "cells" / label).glob("seed*/summary.json"))]
+
+
+def test_leaderboard_matches_the_runs(grid: Path) -> None:
+    for name in ["leaderboard.csv", "leaderboard.md", "leaderboard.html", *PNGS]:
+        assert (grid / name).stat().st_size > 0, name
+    for name in PNGS:
+        assert (grid / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(grid / "leaderboard.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = {r["label"]: r for r in reader}
+    assert set(rows) == {*CELLS, "teacher"} and rows["teacher"]["role"] == "teacher"
+    teacher_top1 = json.loads((grid / "teacher" / "summary.json").read_text())["student_top1"]
+    assert float(rows["teacher"]["top1_mean"]) == pytest.approx(teacher_top1)
+    base = statistics.fmean(s["student_top1"] for s in _summaries(grid, "none"))
+    for label in CELLS:
+        runs = _summaries(grid, label)
+        top1 = [s["student_top1"] for s in runs]
+        row = rows[label]
+        assert int(row["n_seeds"]) == 2
+        assert float(row["top1_mean"]) == pytest.approx(statistics.fmean(top1), abs=1e-8)
+        assert float(row["top1_std"]) == pytest.approx(statistics.stdev(top1), abs=1e-8)
+        assert float(row["gain_pts"]) == pytest.approx(100 * (statistics.fmean(top1) - base), abs=1e-6)
+        assert float(row["kept"]) == pytest.approx(statistics.fmean(top1) / teacher_top1, abs=1e-6)
+        assert int(row["params"]) == runs[0]["params"]
+        assert float(row["wall_s"]) == pytest.approx(statistics.fmean(s["wall_s"] for s in runs), abs=1e-6)
+    assert rows["none"]["agreement"] == "" and 0 <= float(rows["deit-hard"]["agreement"]) <= 1
+    # both logit-only cells replayed the one cache of their seed
+    caches = {json.loads((grid / "cells" / c / "seed0" / "summary.json").read_text())["teacher_cache"]
+              for c in ("deit-hard", "logit-kd-t2")}
+    assert len(caches) == 1 and len(list((grid / "caches").glob("*/seed*"))) == 2
+    assert [int(r["rank"]) for r in sorted(rows.values(), key=lambda r: -float(r["top1_mean"]))] == [1, 2, 3, 4]
+    assert "★" in (grid / "leaderboard.md").read_text()
+
+
+def test_rerun_trains_nothing_and_report_only_rebuilds(grid: Path, capsys: pytest.CaptureFixture) -> None:
+    stamps = {p: p.stat().st_mtime_ns for p in grid.glob("**/summary.json")}
+    assert len(stamps) == 7
+    assert main(["compare", "--config", str(grid.parent / "grid.yaml"), "--out", str(grid)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("skip") == 7 and "start" not in text and "note:" not in text
+    assert {p: p.stat().st_mtime_ns for p in grid.glob("**/summary.json")} == stamps
+    (grid / "leaderboard.csv").unlink()
+    assert main(["compare", "--out", str(grid), "--report-only"]) == 0
+    assert (grid / "leaderboard.csv").exists()
+    assert main(["compare", "--config", str(grid.parent / "grid.yaml"), "--out", str(grid), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("[done]") == 7
+
+
+def test_html_renders_in_headless_chromium(grid: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("VITDISTILL_SKIP_BROWSER") == "1":
+            pytest.skip("VITDISTILL_SKIP_BROWSER=1")
+        pytest.fail("chromium is not installed; run `make test`, which installs it (or set VITDISTILL_SKIP_BROWSER=1)")
+    html = (grid / "leaderboard.html").read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                        (grid / "leaderboard.html").resolve().as_uri()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '<table id="leaderboard">' in r.stdout and "logit-kd-t2" in r.stdout
+    assert 'data-images-loaded="3"' in r.stdout
+
+
+def _fake_run(out: Path, label: str, seed: int, **summary: object) -> None:
+    d = out / "cells" / label / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": summary["student_top1"]}) + "\n")
+
+
+def test_gain_kept_and_bands_by_hand(tmp_path: Path) -> None:
+    t = {"teacher": "big", "teacher_top1": 0.8}
+    _fake_run(tmp_path, "none", 0, method="none", student="s", student_top1=0.5, latency_ms_b1=1.5)
+    _fake_run(tmp_path, "none", 1, method="none", student="s", student_top1=0.7, latency_ms_b1=1.5)
+    _fake_run(tmp_path, "kd", 0, method="logit-kd", student="s", student_top1=0.64, latency_ms_b1=1.9, **t)
+    _fake_run(tmp_path, "kd-big", 0, method="logit-kd", student="b", student_top1=0.72, latency_ms_b1=3.0, **t)
+    rows = {r["label"]: r for r in build_rows(tmp_path)[0]}
+    assert rows["none"]["top1_mean"] == pytest.approx(0.6) and rows["none"]["top1_std"] == pytest.approx(0.1414213562)
+    assert rows["kd"]["gain_pts"] == pytest.approx(4.0) and rows["kd"]["kept"] == pytest.approx(0.8)
+    assert rows["kd-big"]["gain_pts"] == pytest.approx(12.0)  # no baseline of its student: the first one
+    assert rows["none"]["kept"] == pytest.approx(0.75)  # the main teacher for a no-KD cell
+    assert rows["teacher"]["top1_mean"] == pytest.approx(0.8) and rows["teacher"]["role"] == "teacher"
+    assert [rows[x]["latency_band"] for x in ("none", "kd", "kd-big")] == ["[1,2)", "[1,2)", "[2,4)"]
+    assert rows["kd"]["best_in_band"] and not rows["none"]["best_in_band"] and rows["kd-big"]["best_in_band"]
+    assert [r["label"] for r in build_rows(tmp_path)[0]] == ["teacher", "kd-big", "kd", "none"]
+
+
+def test_pareto_front() -> None:
+    # (cost, accuracy): b beats a (cheaper, as good); d is dominated by c; ties on cost keep the best
+    pts = [(2.0, 0.5), (1.0, 0.5), (3.0, 0.9), (4.0, 0.8), (3.0, 0.7)]
+    assert pareto_front(pts) == [1, 2]
+
+
+def test_spec_validation() -> None:
+    cells = [{"method": "none"}, {"method": "logit-kd", "student": "a"}, {"method": "logit-kd", "student": "b"}]
+    spec = parse_spec({"seeds": 3, "cells": cells, "teacher": "resnet_micro_cnn"}, "vit_femto_patch4_16")
+    assert spec.seeds == [3] and spec.teacher["model"] == "resnet_micro_cnn"
+    assert [c.label for c in spec.cells] == ["none", "logit-kd-a", "logit-kd-b"]
+    spec = parse_spec({"cells": [{"method": "none", "set": {"train.lr": 0.01, "data.mix_prob": 0.5}}]}, "s")
+    assert spec.cells[0].overrides == {"train": {"lr": 0.01}, "data": {"mix_prob": 0.5}}
+    for bad, says in [({"cells": [{"method": "none", "lable": "x"}]}, "did you mean 'label'"),
+                      ({"cells": [{"method": "none"}, {"method": "none"}]}, "share the label"),
+                      ({"seeds": [], "cells": [{"method": "none"}]}, "compare.seeds"),
+                      ({"cells": [{"method": "none", "label": "a/b"}]}, "names a folder"),
+                      (None, "no 'compare:' section")]:
+        with pytest.raises(UserError, match=says):
+            parse_spec(bad, "s")
+
+
+@pytest.mark.parametrize("cells, says", [
+    ("[]", "'compare.cells' is empty"),
+    ("[{method: logit-kdd}]", "unknown method 'logit-kdd' (did you mean 'logit-kd'?)"),
+    ("[{method: none, student: vit_femtoo_patch4_16}]", "unknown model 'vit_femtoo_patch4_16'"),
+    ("[{method: logit-kd, knobs: {taux: 1}}]", "has no knob 'taux'"),
+])
+def test_bad_grid_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, cells: str, says: str) -> None:
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    code = main(["compare", "--config", str(tmp_path / "c.yaml"), "--set", f"compare.cells={cells}", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and says in err and err.count("\n") == 1
+
+
+def test_missing_config_through_the_cli(tmp_path: Path) -> None:
+    r = run_cli("compare", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot read config") and "Traceback" not in r.stderr
