@@ -53,6 +53,19 @@ def distill_args(method: str, student: str, teacher: str, teacher_weights: Path,
             "--teacher-weights", str(teacher_weights), "--epochs", "2", *TINY, *extra]
 
 
+def run_cli_fast(*args: str) -> subprocess.CompletedProcess:
+    """:func:`run_cli` in this process, for the many one-line-error checks: same exit code, stdout
+    and stderr as the command (an unexpected exception would propagate and fail the test, which is
+    what a traceback in the subprocess would do), without importing torch and timm again."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli_here(*args)
+    return subprocess.CompletedProcess(["vitdistill", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_cli_here(*args: str) -> int:
     """The CLI's entry point in this process: the same code path as ``vitdistill ...`` without a new
     interpreter (importing torch and timm again costs seconds per call on a 2-core machine)."""

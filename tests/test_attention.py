@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
@@ -268,7 +268,7 @@ def test_distill_with_a_vit_teacher_resumes_and_a_cnn_teacher_is_refused(tmp_pat
                         vit_teacher_run / "model.safetensors", "--set", "method.alpha=0.5")
     summary = check_distill_and_resume(tmp_path, args)
     assert summary["method"] == "attention"
-    r = run_cli(*distill_args("attention", "vit_femto_patch4_16", "resnet_micro_cnn",
+    r = run_cli_fast(*distill_args("attention", "vit_femto_patch4_16", "resnet_micro_cnn",
                               random_cnn_teacher(tmp_path / "cnn.pt")), "--out", str(tmp_path / "cnn"))
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and "needs a ViT teacher" in r.stderr and "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, check_distill_and_resume, run_cli
+from conftest import TINY, check_distill_and_resume, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.methods.coadvise import MultiTokenViT
@@ -182,7 +182,7 @@ def test_setup_refuses_a_teacher_count_other_than_the_knob() -> None:
 @pytest.fixture(scope="module")
 def inv_teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "inv-teacher"
-    r = run_cli("train", "--model", "rednet_micro_inv", "--epochs", "1", "--out", str(out), "--lr", "3e-3", *TINY)
+    r = run_cli_fast("train", "--model", "rednet_micro_inv", "--epochs", "1", "--out", str(out), "--lr", "3e-3", *TINY)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -200,7 +200,7 @@ def test_cnn_and_involution_teachers_distill_resume_and_eval(teacher_run: Path, 
     rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_ce", "loss_kd0", "loss_kd1"} <= rows[0].keys()
     # eval rebuilds the three-headed student through adapt_student and scores what the run scored
-    r = run_cli("eval", "--student", str(tmp_path / "straight"), "--device", "cpu")
+    r = run_cli_fast("eval", "--student", str(tmp_path / "straight"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout.strip().splitlines()[-1])
     assert (ev["top1"], ev["top5"]) == (summary["student_top1"], rows[-1]["test_top5"])
@@ -208,7 +208,7 @@ def test_cnn_and_involution_teachers_distill_resume_and_eval(teacher_run: Path, 
 
 def test_a_teacher_count_other_than_the_knob_is_one_line(teacher_run: Path, inv_teacher_run: Path,
                                                          tmp_path: Path) -> None:
-    r = run_cli(*two_teachers(teacher_run, inv_teacher_run, "--set", "method.teachers=3", "--out",
+    r = run_cli_fast(*two_teachers(teacher_run, inv_teacher_run, "--set", "method.teachers=3", "--out",
                               str(tmp_path / "bad")))
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]

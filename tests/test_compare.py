@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_fast
 from vitdistill.cli import main
 from vitdistill.compare import parse_spec
 from vitdistill.errors import UserError
@@ -42,7 +42,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "grid.yaml").write_text(CONFIG)
     out = root / "out"
     args = ["compare", "--config", str(root / "grid.yaml"), "--out", str(out)]
-    r = run_cli(*args, "--set", "train.stop_after=1")
+    r = run_cli_fast(*args, "--set", "train.stop_after=1")
     assert r.returncode == 0, r.stderr
     first = out / "cells" / "none" / "seed0"
     assert (first / "checkpoint.pt").exists() and not (first / "summary.json").exists()
@@ -50,7 +50,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     epoch1 = (first / "metrics.jsonl").read_text().splitlines()
     assert len(epoch1) == 1 and "wait deit-hard seed 0" in r.stdout
 
-    r = run_cli(*args)
+    r = run_cli_fast(*args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("(resume)") == 3  # the teacher and the two no-KD runs
     lines = (first / "metrics.jsonl").read_text().splitlines()
@@ -186,5 +186,5 @@ def test_bad_grid_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_missing_config_through_the_cli(tmp_path: Path) -> None:
-    r = run_cli("compare", "--config", str(tmp_path / "nope.yaml"))
+    r = run_cli_fast("compare", "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and r.stderr.startswith("error: cannot read config") and "Traceback" not in r.stderr

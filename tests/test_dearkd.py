@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.models import Teacher, create_model, prepare_student, student_outputs
@@ -188,7 +188,7 @@ def test_cli_distill_and_resume_across_the_stage_switch(teacher_run: Path, tmp_p
 
 
 def test_cli_cnn_student_is_a_one_line_error(teacher_run: Path, tmp_path: Path):
-    r = run_cli(*distill_args("dearkd", "resnet_micro_cnn", "resnet_micro_cnn", teacher_run), "--out",
+    r = run_cli_fast(*distill_args("dearkd", "resnet_micro_cnn", "resnet_micro_cnn", teacher_run), "--out",
                 str(tmp_path / "x"))
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, check_distill_and_resume, distill_args, run_cli
+from conftest import TINY, check_distill_and_resume, distill_args, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method, soft_kl
 
@@ -142,11 +142,11 @@ def test_cli_distill_and_resume_with_a_cnn_teacher(teacher_run: Path, tmp_path: 
 
 def test_cli_distill_from_a_teacher_cache(teacher_run: Path, tmp_path: Path):
     cache = tmp_path / "cache"
-    r = run_cli("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), "--epochs",
+    r = run_cli_fast("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), "--epochs",
                 "2", "--cache", str(cache), *TINY)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "cached"
-    r = run_cli("distill", "--method", "dkd", "--student", "deit_femto_distilled_patch4_16", "--teacher-cache",
+    r = run_cli_fast("distill", "--method", "dkd", "--student", "deit_femto_distilled_patch4_16", "--teacher-cache",
                 str(cache), "--epochs", "2", "--out", str(out), *TINY)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
@@ -188,7 +188,7 @@ def test_distill_with_a_cnn_teacher_resumes_and_a_bad_token_choice_is_one_line(t
     args = distill_args("hidden", "vit_femto_patch4_16", "resnet_micro_cnn", weights_file, "--set", "method.beta=0.5")
     summary = check_distill_and_resume(tmp_path, args)
     assert summary["method"] == "hidden"
-    r = run_cli(*distill_args("hidden", "vit_femto_patch4_16", "resnet_micro_cnn", weights_file,
+    r = run_cli_fast(*distill_args("hidden", "vit_femto_patch4_16", "resnet_micro_cnn", weights_file,
                               "--set", "method.tokens=cls"), "--out", str(tmp_path / "cls"))
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and "method.tokens=patch" in r.stderr and "Traceback" not in r.stderr

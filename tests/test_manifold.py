@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import METHODS, build_method, method_knobs
 from vitdistill.methods.manifold import paper_layers
@@ -273,7 +273,7 @@ def test_distills_from_a_cnn_teacher_and_resumes_identically(tmp_path, teacher_r
 
 
 def test_a_cnn_student_is_a_one_line_error(tmp_path, teacher_run):
-    r = run_cli(*distill_args("manifold", "resnet_micro_cnn", "resnet_micro_cnn", teacher_run),
+    r = run_cli_fast(*distill_args("manifold", "resnet_micro_cnn", "resnet_micro_cnn", teacher_run),
                 "--out", str(tmp_path / "x"))
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]

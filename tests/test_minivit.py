@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 from safetensors.torch import load_file, save_file
 
 from vitdistill.errors import UserError
@@ -245,11 +245,11 @@ def test_distill_resume_eval_and_profile(tmp_path: Path, vit_teacher_run: Path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_ce", "loss_pred", "loss_attn", "loss_hddn"} <= rows[0].keys()
 
-    r = run_cli("eval", "--student", str(run), "--device", "cpu")
+    r = run_cli_fast("eval", "--student", str(run), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] == summary["student_top1"]
 
-    r = run_cli("profile", "--model", str(run), "--batch", "4")
+    r = run_cli_fast("profile", "--model", str(run), "--batch", "4")
     assert r.returncode == 0, r.stderr
     prof = json.loads(r.stdout.strip().splitlines()[-1])
     plain = count(femto(student))
@@ -257,7 +257,7 @@ def test_distill_resume_eval_and_profile(tmp_path: Path, vit_teacher_run: Path):
 
 
 def test_cli_error_for_a_cnn_student(tmp_path: Path, vit_teacher_run: Path):
-    r = run_cli(*distill_args("minivit", "resnet_micro_cnn", "vit_femto_patch4_16", vit_teacher_run),
+    r = run_cli_fast(*distill_args("minivit", "resnet_micro_cnn", "vit_femto_patch4_16", vit_teacher_run),
                 "--out", str(tmp_path / "x"))
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.models.taps import LayerInfo, ModelInfo
@@ -270,7 +270,7 @@ def test_real_vit_and_cnn_teachers_train_through_the_taps(teacher_name: str) -> 
 
 
 def test_a_patch_size_that_does_not_tile_the_grid_is_one_line(teacher_run: Path, tmp_path: Path) -> None:
-    r = run_cli(*distill_args("tat", "vit_femto_patch4_16", "resnet_micro_cnn", teacher_run,
+    r = run_cli_fast(*distill_args("tat", "vit_femto_patch4_16", "resnet_micro_cnn", teacher_run,
                               "--set", "method.variant=patch_group", "--set", "method.patch_size=3",
                               "--out", str(tmp_path / "bad")))
     assert r.returncode == 2, r.stderr

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import check_distill_and_resume, distill_args, run_cli
+from conftest import check_distill_and_resume, distill_args, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import METHODS, build_method, method_knobs
 from vitdistill.models import create_model, prepare_student
@@ -297,7 +297,7 @@ def test_distills_from_a_vit_teacher_and_resumes_identically(tmp_path, vit_teach
 
 
 def test_a_cnn_student_is_a_one_line_error(tmp_path, vit_teacher_run):
-    r = run_cli(*distill_args("vitkd", "resnet_micro_cnn", "vit_femto_patch4_16", vit_teacher_run),
+    r = run_cli_fast(*distill_args("vitkd", "resnet_micro_cnn", "vit_femto_patch4_16", vit_teacher_run),
                 "--out", str(tmp_path / "x"))
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
