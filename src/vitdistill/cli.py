@@ -6,7 +6,9 @@ later layers winning. A user error prints one line and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -67,20 +69,31 @@ def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch stays)")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from vitdistill.engine.run import run
+def _check_processes(cfg: Config) -> None:
+    """Under torchrun, a global batch that does not split over the processes fails before any of
+    them imports the models or waits for the others (run() checks it again for library callers)."""
+    from vitdistill.engine.distributed import check_batch_size
 
+    check_batch_size(cfg.train.batch_size)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, {**_COMMON, **_TRAIN})
     if cfg.method.get("name") != "none":
         raise UserError("`train` fits a model on labels only; use `distill` for a method with a teacher")
+    _check_processes(cfg)
+    from vitdistill.engine.run import run
+
     _print_summary(run(cfg, "train", resume=args.resume))
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args, {**_COMMON, **_DISTILL})
+    _check_processes(cfg)
     from vitdistill.engine.run import run
 
-    _print_summary(run(resolve_config(args, {**_COMMON, **_DISTILL}), "distill", resume=args.resume))
+    _print_summary(run(cfg, "distill", resume=args.resume))
     return 0
 
 
@@ -226,14 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run under torchrun with several processes (docs/distributed.md).
+_DISTRIBUTED = ("train", "distill", "cache-teacher", "compare")
+
+
+def _rank_world() -> tuple[int, int]:
+    """RANK and WORLD_SIZE as torchrun sets them; (0, 1) in a plain process."""
+    try:
+        return int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 0, 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    rank, world = _rank_world()
     try:
-        return func(args)
+        if world > 1 and args.command not in _DISTRIBUTED:
+            raise UserError(f"`{args.command}` runs in one process; start it without torchrun (only "
+                            f"{', '.join(_DISTRIBUTED)} use several)")
+        # Under torchrun rank 0 speaks for all: the others' lines would repeat it N times.
+        with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
+            return func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not rank:  # the processes share the config, so rank 0 meets the same error and reports it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from vitdistill.config import Config, build_config, load_yaml, parse_override
+from vitdistill.engine import distributed as dist
 from vitdistill.engine import io
 from vitdistill.errors import UserError, did_you_mean
 
@@ -188,6 +189,7 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                            "student_kwargs": t.get("kwargs") or {}, "teacher": None, "teacher_weights": None},
                  "method": {"name": "none"}, "train": train, "cache": {"dir": None}}
         cfg = build_config([*base, layer, t["set"], {"out": str(out / "teacher"), "train": {"seed": spec.seeds[0]}}])
+        dist.check_batch_size(cfg.train.batch_size, "train.batch_size of the compare teacher")
         teacher_job = Job("teacher", spec.seeds[0], out / "teacher", cfg)
         teacher_ref = {"teacher": t["model"], "teacher_weights": str(out / "teacher"),
                        "teacher_kwargs": t.get("kwargs") or {}}
@@ -216,6 +218,7 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                       {"train": {"seed": seed}, "out": str(run_dir)}]
             cfg = build_config(layers)
             build_method(cfg.method, cfg.train.label_smoothing)  # knob errors now, not after an hour
+            dist.check_batch_size(cfg.train.batch_size, f"train.batch_size of cell '{cell.label}'")
             job = Job(cell.label, seed, run_dir, cfg, "distill" if cls.teacher_outputs else "train")
             if not cls.teacher_outputs:
                 cfg.cache.dir = None
@@ -279,6 +282,8 @@ class Progress:
         return f"eta {_clock(left)}"
 
     def line(self, k: int, text: str) -> None:
+        if not dist.is_main():
+            return
         elapsed = _clock(time.perf_counter() - self.started)
         print(f"[{k}/{len(self.runs)}] {text}  (elapsed {elapsed}, {self.eta()})", flush=True)
 
@@ -302,12 +307,12 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
 
     progress = Progress(runs)
     for job in runs:
-        if (job.out / "summary.json").exists():
+        if dist.is_main() and (job.out / "summary.json").exists():
             summary = json.loads((job.out / "summary.json").read_text())
             progress.record(job.label, float(summary.get("wall_s") or 0), int(summary.get("epochs") or 0))
     teacher_ready = True
     if teacher is not None:
-        status = _status(teacher.out)
+        status = dist.on_main(lambda: _status(teacher.out))
         if status == "done":
             print(f"teacher: skip {teacher.cfg.model.student} ({teacher.out}, finished)", flush=True)
         else:
@@ -323,10 +328,11 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
     left = 0
     for k, job in enumerate(runs, 1):
         what = f"{job.label} seed {job.seed}"
-        status = _status(job.out)
+        status = dist.on_main(lambda: _status(job.out))  # rank 0's view decides for every process
         if status == "done":
             progress.line(k, f"skip {what} (finished)")
-            _warn_if_changed(job)
+            if dist.is_main():
+                _warn_if_changed(job)
             continue
         if job.needs_teacher_run and not teacher_ready:
             progress.line(k, f"wait {what}: the teacher is unfinished; rerun to continue")
@@ -334,17 +340,18 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
             continue
         if job.cache is not None and job.cache not in written:
             cache = next(c for c in caches if c.out == job.cache)
-            if _cache_done(cache.out, cache.cfg.train.epochs):
+            if dist.on_main(lambda: _cache_done(cache.out, cache.cfg.train.epochs)):
                 print(f"cache: skip {cache.out} (complete)", flush=True)
             else:
                 print(f"cache: write {cache.cfg.train.epochs} epochs of teacher outputs -> {cache.out}", flush=True)
                 cache_teacher(cache.cfg, str(cache.out))
             written.add(job.cache)
         progress.line(k, f"start {what}: {job.mode} {job.cfg.model.student} ({status})")
-        before, t0 = _epochs_done(job.out), time.perf_counter()
+        before, t0 = (_epochs_done(job.out) if dist.is_main() else 0), time.perf_counter()
         summary = run(job.cfg, job.mode, resume=status == "resume")
         seconds = time.perf_counter() - t0
-        progress.record(job.label, seconds, _epochs_done(job.out) - before)
+        if dist.is_main():
+            progress.record(job.label, seconds, _epochs_done(job.out) - before)
         if "stopped_after_epoch" in summary:
             left += 1
             progress.line(k, f"stopped {what} after epoch {summary['stopped_after_epoch']} in {seconds:.1f} s")
@@ -391,8 +398,9 @@ def compare_cli(args: Any) -> int:
     out_key = [layer.pop("out", None) for layer in [raw, *sets]]
     out = Path(args.out or next((o for o in reversed(out_key) if o), None) or f"runs/compare-{Path(args.config).stem}")
     if args.report_only:
-        rows = write_leaderboard(out)
-        print(f"leaderboard of {len(rows)} rows in {out}/leaderboard.html (.md, .csv)")
+        if dist.env_world()[0] == 0:  # under torchrun only rank 0 writes
+            rows = write_leaderboard(out)
+            print(f"leaderboard of {len(rows)} rows in {out}/leaderboard.html (.md, .csv)")
         return 0
     base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else [])
     spec = parse_spec(section, build_config(base).model.student)
@@ -400,19 +408,24 @@ def compare_cli(args: Any) -> int:
     if args.dry_run:
         print_plan(teacher, caches, runs, spec, out.resolve())
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
-                                         "teacher": "teacher" if teacher else None})
-    try:
-        left = execute(teacher, caches, runs)
-    except KeyboardInterrupt:
-        print("interrupted; finished epochs are saved, rerun the same command to continue", file=sys.stderr)
-        return 130
-    if not any((j.out / "summary.json").exists() for j in runs):
-        print(f"no run finished yet; rerun the same command to continue ({left} unfinished)")
+    # under torchrun every run of the grid uses the one process group; rank 0 prints and writes
+    with dist.session():
+        if dist.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
+                                                 "teacher": "teacher" if teacher else None})
+        try:
+            left = execute(teacher, caches, runs)
+        except KeyboardInterrupt:
+            print("interrupted; finished epochs are saved, rerun the same command to continue", file=sys.stderr)
+            return 130
+        if not dist.is_main():
+            return 0
+        if not any((j.out / "summary.json").exists() for j in runs):
+            print(f"no run finished yet; rerun the same command to continue ({left} unfinished)")
+            return 0
+        write_leaderboard(out)
+        print((out / "leaderboard.md").read_text())
+        tail = f"; {left} runs unfinished, rerun the same command to continue" if left else ""
+        print(f"leaderboard in {out}/leaderboard.html (.md, .csv, and the PNGs){tail}")
         return 0
-    write_leaderboard(out)
-    print((out / "leaderboard.md").read_text())
-    tail = f"; {left} runs unfinished, rerun the same command to continue" if left else ""
-    print(f"leaderboard in {out}/leaderboard.html (.md, .csv, and the PNGs){tail}")
-    return 0

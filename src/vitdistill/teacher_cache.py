@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from vitdistill.data import DataSplit, sample_seeds
 from vitdistill.data.mix import Augment
+from vitdistill.engine import distributed as dist
 from vitdistill.engine import io
-from vitdistill.engine.evaluate import predict
 from vitdistill.errors import UserError
 
 FORMAT_VERSION = 1
@@ -158,41 +158,62 @@ def rebuild_log_probs(values: torch.Tensor, indices: torch.Tensor, num_classes: 
 def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: DataSplit, augment: Augment,
                 batch_size: int, device: torch.device, progress: bool = True,
                 test: DataSplit | None = None) -> dict:
-    """Write (or resume) a cache: every epoch whose shard is missing or invalid is (re)computed."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    head = cache_dir / "header.json"
-    if head.exists():
-        old = json.loads(head.read_text())
-        if {k: old.get(k) for k in MATCH_FIELDS} != {k: header[k] for k in MATCH_FIELDS}:
-            check_header(old, header, cache_dir)  # raises, naming the first field that differs
-        header = {**header, "epochs": max(header["epochs"], old["epochs"])}
-    io.write_json(head, header)
+    """Write (or resume) a cache: every epoch whose shard is missing or invalid is (re)computed.
+
+    Under torchrun the processes deal each epoch's batches out as contiguous blocks (the very
+    batches one process runs, so the stored numbers do not depend on the process count); rank 0
+    gathers them and alone reads and writes the files.
+    """
+    def prepare() -> tuple[dict, list[int]]:
+        nonlocal header
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        head = cache_dir / "header.json"
+        if head.exists():
+            old = json.loads(head.read_text())
+            if {k: old.get(k) for k in MATCH_FIELDS} != {k: header[k] for k in MATCH_FIELDS}:
+                check_header(old, header, cache_dir)  # raises, naming the first field that differs
+            header = {**header, "epochs": max(header["epochs"], old["epochs"])}
+        io.write_json(head, header)
+        d = header_digest(header)
+        return header, [e for e in range(header["epochs"]) if not shard_is_valid(shard_path(cache_dir, e), d, e)]
+
+    header, todo = dist.on_main(prepare)
     digest = header_digest(header)
     k, n, vdtype = header["topk"], header["num_samples"], _DTYPES[header["value_dtype"]]
     idtype = index_dtype(header["num_classes"])
-    todo = [e for e in range(header["epochs"]) if not shard_is_valid(shard_path(cache_dir, e), digest, e)]
+    world, main = dist.world_size(), dist.is_main()
+    blocks = dist.batch_ranges(n, batch_size)
+    counts = [sum(b - a for a, b in block) for block in blocks]
+    mine = blocks[dist.rank()]
     written = 0
-    bar = tqdm(total=len(todo) * n, desc="cache-teacher", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo) * n, desc="cache-teacher", unit="img", disable=not (progress and main),
+               dynamic_ncols=True)
     for epoch in todo:
-        values = torch.empty(n, k, dtype=vdtype)
-        indices = torch.empty(n, k, dtype=idtype)
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(n, start + batch_size))
+        values = torch.empty(counts[dist.rank()], k, dtype=vdtype)
+        indices = torch.empty(counts[dist.rank()], k, dtype=idtype)
+        at = 0
+        for start, stop in mine:
+            idx = torch.arange(start, stop)
             images = augment.images(split.images, idx, epoch)
             logp = torch.log_softmax(teacher(images)["logits"].float(), dim=1)
             top = logp.topk(k, dim=1)
-            values[idx] = top.values.to(vdtype).cpu()
-            indices[idx] = top.indices.to(idtype).cpu()
-            bar.update(len(idx))
-        meta = {"epoch": str(epoch), "header": digest, "sha256": _digest(values, indices)}
-        io.atomic_write(shard_path(cache_dir, epoch),
-                        lambda tmp, v=values, i=indices, m=meta: save_file({"values": v, "indices": i}, tmp, m))
+            values[at:at + len(idx)] = top.values.to(vdtype).cpu()
+            indices[at:at + len(idx)] = top.indices.to(idtype).cpu()
+            at += len(idx)
+            bar.update(len(idx) * world)
+        values, indices = dist.gather_rows(values, counts), dist.gather_rows(indices, counts)
+        if main:
+            meta = {"epoch": str(epoch), "header": digest, "sha256": _digest(values, indices)}
+            io.atomic_write(shard_path(cache_dir, epoch),
+                            lambda tmp, v=values, i=indices, m=meta: save_file({"values": v, "indices": i}, tmp, m))
         written += 1
     bar.close()
-    if test is not None and not (cache_dir / "test.safetensors").exists():
-        logits = predict(lambda x: teacher(x)["logits"], test, batch_size, device)
-        io.atomic_write(cache_dir / "test.safetensors",
-                        lambda tmp: save_file({"logits": logits}, tmp, {"header": digest}))
+    if test is not None and dist.on_main(lambda: not (cache_dir / "test.safetensors").exists()):
+        logits = dist.predict(lambda x: teacher(x)["logits"], test, batch_size, device)
+        if main:
+            io.atomic_write(cache_dir / "test.safetensors",
+                            lambda tmp: save_file({"logits": logits}, tmp, {"header": digest}))
+    dist.barrier()  # the files are on disk before any process goes on (compare replays them next)
     return {"dir": str(cache_dir), "epochs": header["epochs"], "written": written,
             "bytes_per_sample_epoch": k * (torch.finfo(vdtype).bits // 8 + torch.iinfo(idtype).bits // 8)}
 

@@ -14,8 +14,9 @@ import torch
 
 from vitdistill.config import Config
 from vitdistill.data import DataSplit
+from vitdistill.engine import distributed as dist
 from vitdistill.engine import io
-from vitdistill.engine.evaluate import accuracy, predict
+from vitdistill.engine.evaluate import accuracy
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_side
 from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
@@ -47,15 +48,31 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
 
 
 def run(cfg: Config, mode: str, resume: bool = False) -> dict:
-    """Train (``mode="train"``) or distill (``mode="distill"``) and fill the run directory."""
+    """Train (``mode="train"``) or distill (``mode="distill"``) and fill the run directory.
+
+    Under torchrun every process calls this with the same config (docs/distributed.md): each trains
+    on its slice of every global batch inside one ``DistributedDataParallel``, only rank 0 writes
+    the run directory, and every process returns the same summary.
+    """
+    dist.check_batch_size(cfg.train.batch_size)
+    with dist.session():
+        return _run(cfg, mode, resume)
+
+
+def _run(cfg: Config, mode: str, resume: bool) -> dict:
     out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
+    exists = dist.broadcast(ckpt_path.exists())  # rank 0's view decides, so no rank goes its own way
+    if exists and not resume:
         raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    data = load_run_data(cfg)
+    with dist.local_main_first():  # one decode per node; the node's other processes read its cache
+        data = load_run_data(cfg)
+    world = dist.world_size()
+    if len(data.train) < world:
+        raise UserError(f"{len(data.train)} training samples cannot feed {world} processes; use fewer processes")
 
     method = build_method(cfg.method, cfg.train.label_smoothing)
     if mode == "train" and method.needs_teacher:
@@ -83,7 +100,7 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
     resolved = cfg.to_dict()
     metrics: list[dict] = []
     start_epoch, wall_before = 0, 0.0
-    if resume and ckpt_path.exists():
+    if resume and exists:  # every rank loads the checkpoint (the run directory is shared)
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = json.loads(state["config"])
         diff = _first_difference(_comparable(resolved), _comparable(saved))
@@ -96,8 +113,11 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, metrics, wall_before = state["epoch"], list(state["metrics"]), state["wall_s"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_text(out / "config.yaml", cfg.to_yaml())
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        io.write_text(out / "config.yaml", cfg.to_yaml())
+    # one DistributedDataParallel around student and method under torchrun; the plain step otherwise
+    step_module = dist.wrap_ddp(dist.TrainStep(student, prep, method, taps), device)
     data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
     augment = augment_for(cfg, data)
     source = side.source if side is not None else None
@@ -115,26 +135,39 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
         row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
                                augment=augment, taps=taps, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
                                epoch=epoch, device=device, num_classes=data.num_classes,
-                               desc=f"{mode} {epoch + 1}/{cfg.train.epochs}"))
+                               desc=f"{mode} {epoch + 1}/{cfg.train.epochs}", step_module=step_module))
         student.eval()
-        acc = accuracy(predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels,
+        # each rank evaluates its block of test batches; the logits are gathered on every rank
+        acc = accuracy(dist.predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels,
                        teacher_pred)
         row.update({f"test_{k}": v for k, v in acc.items()})
         metrics.append(row)
         wall = wall_before + time.perf_counter() - started
-        print(_epoch_line(row), flush=True)
-        io.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
-        io.write_torch(ckpt_path, {
-            "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
-            "config": json.dumps(resolved),
-        })
+        if dist.is_main():  # the state dicts are the plain student's and method's, never DDP's
+            print(_epoch_line(row), flush=True)
+            io.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
+            io.write_torch(ckpt_path, {
+                "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
+                "config": json.dumps(resolved),
+            })
         if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < cfg.train.epochs:
-            print(f"stopped after epoch {epoch + 1} of {cfg.train.epochs} (train.stop_after); --resume continues",
-                  flush=True)
+            if dist.is_main():
+                print(f"stopped after epoch {epoch + 1} of {cfg.train.epochs} (train.stop_after); --resume continues",
+                      flush=True)
+            dist.barrier()  # the checkpoint is on disk before any process returns
             return {"stopped_after_epoch": epoch + 1, "epochs": cfg.train.epochs, "out": str(out)}
     wall = wall_before + time.perf_counter() - started
+    if dist.is_main():
+        summary = _finish(cfg, mode, out, student, method, side, spec, data, metrics, teacher_acc, wall, device)
+    else:
+        summary = None
+    return dist.broadcast(summary)  # waits for rank 0's files; every process returns the same summary
 
+
+def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method, side, spec: dict, data,
+            metrics: list[dict], teacher_acc: dict | None, wall: float, device: torch.device) -> dict:
+    """Rank 0's end of a run: the weights, the profile, summary.json and the report."""
     weights_name = "student.safetensors" if mode == "distill" else "model.safetensors"
     io.write_safetensors(out / weights_name, student.state_dict(),
                          {"timm_name": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]),

@@ -11,6 +11,10 @@ from vitdistill.errors import UserError
 
 
 def pick_device(name: str) -> torch.device:
+    """The run's device; under torchrun ``auto`` / ``cuda`` mean this process's ``cuda:LOCAL_RANK``."""
+    from vitdistill.engine.distributed import pick_device_name
+
+    name = pick_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -12,7 +12,7 @@ import torch
 
 from vitdistill.config import Config
 from vitdistill.data import DataSplit, Dataset, load_data
-from vitdistill.engine.evaluate import predict
+from vitdistill.engine import distributed as dist
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.data.mix import Augment
 from vitdistill.engine.trainer import LiveTeacher, TeacherSource
@@ -112,7 +112,7 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
     if not cfg.cache.dir:
         assert teacher is not None
         live = teacher if len(teachers) == 1 else TeacherEnsemble(teachers)
-        logits = predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
+        logits = dist.predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
         return TeacherSide(LiveTeacher(live), logits, teacher, spec, teachers)
     if len(teachers) > 1:
         raise UserError("a teacher cache holds one teacher; drop --teacher-cache to run several teachers live")
@@ -154,11 +154,20 @@ def setup_method(method: Method, student: torch.nn.Module, student_name: str, si
 
 
 def cache_teacher(cfg: Config, cache_dir: str) -> dict:
-    """``vitdistill cache-teacher``: run the teacher once over every planned epoch and store it."""
+    """``vitdistill cache-teacher``: run the teacher once over every planned epoch and store it.
+
+    Under torchrun the processes split every epoch's batches and rank 0 writes the shards.
+    """
+    with dist.session():
+        return _cache_teacher(cfg, cache_dir)
+
+
+def _cache_teacher(cfg: Config, cache_dir: str) -> dict:
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    data = load_run_data(cfg)
+    with dist.local_main_first():  # one decode per node; the node's other processes read its cache
+        data = load_run_data(cfg)
     teacher, _ = build_teacher(cfg, data, "cache-teacher")
     teacher.to(device)
     header = cache_header(cfg, data, cfg.model.teacher, tc.state_hash(teacher.model))

@@ -15,10 +15,10 @@ from tqdm import tqdm
 from vitdistill.config import TrainConfig
 from vitdistill.data import DataSplit, epoch_batches
 from vitdistill.data.mix import Augment
+from vitdistill.engine import distributed as dist
 from vitdistill.engine.runtime import autocast, epoch_seed
 from vitdistill.methods.base import Method, Outputs
 from vitdistill.models.taps import FeatureTaps
-from vitdistill.models.wrappers import student_outputs
 
 
 class TeacherSource(Protocol):
@@ -77,9 +77,19 @@ def train_epoch(
     device: torch.device,
     num_classes: int,
     desc: str = "",
+    step_module: torch.nn.Module | None = None,
 ) -> dict:
-    """One epoch; returns the mean of every loss part, train accuracy, lr and images per second."""
-    torch.manual_seed(epoch_seed(cfg.seed, epoch))
+    """One epoch; returns the mean of every loss part, train accuracy, lr and images per second.
+
+    ``step_module`` is the student and method as one :class:`~vitdistill.engine.distributed.TrainStep`,
+    wrapped in ``DistributedDataParallel`` under several processes; built here when not given. Under
+    several processes each rank trains on its slice of every global batch and the metrics are summed
+    over the ranks, so every rank returns the same figures a single process would.
+    """
+    rank, world = dist.rank(), dist.world_size()
+    # dropout and drop-path draw from the global generator: a pure function of (seed, epoch), per rank
+    torch.manual_seed((epoch_seed(cfg.seed, epoch) + rank * 1_000_000_007) % 2**63)
+    step_module = step_module if step_module is not None else dist.TrainStep(student, prep, method, taps)
     student.train()
     method.train()
     method.on_epoch_start(epoch)
@@ -89,31 +99,38 @@ def train_epoch(
     correct = torch.zeros((), device=device)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
-    for step, idx in enumerate(bar):
+    bar = tqdm(batches, desc=desc, leave=False, disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        idx = dist.local_slice(batch, rank, world)  # the sampler: this rank's contiguous slice
         images, target = augment.batch(split.images, split.labels, idx, epoch, num_classes)
         hard = target.argmax(dim=1) if target.ndim == 2 else target
         with autocast(device, cfg.amp):
             t_out = teacher(images, idx, epoch) if teacher is not None else None
-            s_out = student_outputs(student, prep(images), taps)
-            parts = method(s_out, t_out, target)
+            parts = step_module(images, t_out, target)
+        logits = parts.pop("_logits")
         optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        # DDP averages the ranks' gradients; a rank whose slice is not batch / world long (only the
+        # single short batch of a split smaller than the batch) is weighted so the average is the
+        # gradient of the global batch mean
+        scale = len(idx) * world / len(batch)
+        (parts["loss"] if scale == 1 else parts["loss"] * scale).backward()
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
         optimizer.step()
         scheduler.step()
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach().float() * len(idx)
-        correct += (s_out["logits"].argmax(dim=1) == hard).sum()
+        correct += (logits.argmax(dim=1) == hard).sum()
         seen += len(idx)
-        if cfg.progress and (step % 10 == 0 or step == len(batches) - 1):
+        if cfg.progress and rank == 0 and (step % 10 == 0 or step == len(batches) - 1):
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{sums['loss'].item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / elapsed:.0f}")
+                            img_s=f"{seen * world / elapsed:.0f}")
     bar.close()
-    elapsed = time.perf_counter() - start
-    out = {("train_loss" if k == "loss" else f"loss_{k}"): (v / seen).item() for k, v in sums.items()}
-    out.update(train_top1=correct.item() / seen, lr=optimizer.param_groups[0]["lr"], img_s=seen / elapsed,
-               epoch_s=elapsed)
+    elapsed = dist.all_reduce_max(time.perf_counter() - start)
+    total = dist.all_reduce_sums({**{f"part/{k}": v for k, v in sums.items()}, "correct": correct, "seen": seen})
+    seen_all = total["seen"]
+    out = {("train_loss" if k == "loss" else f"loss_{k}"): total[f"part/{k}"] / seen_all for k in sums}
+    out.update(train_top1=total["correct"] / seen_all, lr=optimizer.param_groups[0]["lr"],
+               img_s=seen_all / elapsed, epoch_s=elapsed)
     return out
