@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
             return func(args)
     except UserError as exc:
-        if not rank:  # the processes share the config, so rank 0 meets the same error and reports it once
-            print(f"error: {exc}", file=sys.stderr)
+        # Every rank reports: torchrun may stop rank 0 before it prints when another rank failed first,
+        # and an error met by one rank alone must not be silent.
+        print(f"error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
