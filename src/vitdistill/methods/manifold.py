@@ -37,39 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitdistill.methods._features import grid_of, layer_pairs, require_vit, to_tokens
+from vitdistill.methods._features import StepRandom, grid_of, layer_pairs, require_vit, to_tokens
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
 SERVES = "a ViT student with any timm teacher, ViT or CNN"
-
-
-class StepRandom(nn.Module):
-    """One ``torch.Generator`` per training step, seeded from ``(seed, step)``.
-
-    ``step`` is a buffer, so it is saved in the checkpoint and a resumed run replays the same draws.
-    A Python copy is what the draws read, so no step waits on a device-to-host copy of the buffer.
-    """
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        if not 0 <= seed < 2**31:
-            raise ValueError(f"seed must lie in [0, 2^31), not {seed}")
-        self.seed = seed
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self._step = 0
-        self.register_load_state_dict_post_hook(StepRandom._after_load)
-
-    @staticmethod
-    def _after_load(module: "StepRandom", incompatible_keys: object) -> None:
-        module._step = int(module.step)
-
-    def next(self) -> torch.Generator:
-        """The generator of this step; advances the counter."""
-        g = torch.Generator().manual_seed(self.seed * 2**32 + self._step)
-        self._step += 1
-        self.step.fill_(self._step)
-        return g
 
 
 def relation(f: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import grid_of, layer_pairs, patch_tokens, projector, require_vit, to_tokens
+from vitdistill.methods._features import StepRandom, grid_of, layer_pairs, patch_tokens, projector, require_vit, to_tokens
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads
-from vitdistill.methods.manifold import StepRandom
 from vitdistill.models.taps import ModelInfo, Tap
 
 SERVES = "a ViT student with a ViT teacher (the paper's pairing) or a CNN teacher"
