@@ -28,27 +28,25 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench_common import log, median, n_params, optimizer_and_schedule, ratio, rnd, sync, timed
+from throughput_timm import extracted_train_folder, timm_img_s
 from vitdistill import teacher_cache as tc
 from vitdistill.config import build_config
 from vitdistill.data import DataSplit, Dataset
-from vitdistill.data.cache import default_cache_dir
 from vitdistill.data.sources import resize_uint8
 from vitdistill.engine.runtime import autocast
 from vitdistill.engine.setup import augment_for, cache_header, load_run_data
-from vitdistill.engine.trainer import LiveTeacher, param_groups, train_epoch, warmup_cosine
+from vitdistill.engine.trainer import LiveTeacher, train_epoch
 from vitdistill.methods import build_method
 from vitdistill.models import InputPrep, Teacher, create_model, prepare_student
 from vitdistill.models.wrappers import name_heads
@@ -59,32 +57,6 @@ CNN_TEACHER, CNN_KWARGS = "resnet_small_cnn", {"layers": [1, 1, 2, 1]}  # 1.54M 
 VIT_TEACHER, VIT_KWARGS = "vit_tiny_patch16_224", {"patch_size": 4, "depth": 6}  # 2.69M, as benchmarks/teacher_cache.py
 GOALS = {"online_over_limit": (">=", 0.95), "online_over_timm": (">=", 1.15), "cached_over_timm": (">=", 1.7),
          "data_path_cost": ("<=", 0.10)}
-
-
-def log(msg: str) -> None:
-    print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def rnd(x: float | None, nd: int = 1) -> float | None:
-    return None if x is None else round(x, nd)
-
-
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(a / b, 3)
 
 
 # ----------------------------------------------------------------------------- models and config
@@ -121,14 +93,6 @@ class Setup:
         return model.eval()
 
 
-def optimizer_and_schedule(cfg, modules: list[torch.nn.Module], total_steps: int):
-    t = cfg.train
-    opt = torch.optim.AdamW(param_groups(modules, t.weight_decay), lr=t.lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, total_steps // 10), t.lr,
-                                                                 t.min_lr))
-    return opt, sched
-
-
 # ----------------------------------------------------------------------------- data
 
 def real_data(args: argparse.Namespace, cfg) -> tuple[Dataset, int]:
@@ -160,43 +124,6 @@ def synthetic_data(n: int, side: int, classes: int, pad: int, seed: int = 0) -> 
 def on_device(split: DataSplit, device: torch.device) -> DataSplit:
     return DataSplit(split.images.to(device), split.labels.to(device))
 
-
-def extracted_train_folder(spec: str, extract_dir: str | None) -> Path:
-    """Extract the source's training archive once (outside timing) and return its ImageFolder root."""
-    kind, _, arg = spec.partition(":")
-    path = Path(arg.strip()).expanduser().resolve()
-    if kind in ("cifar10", "cifar100"):
-        archive = path / "train.tar.gz"
-        if not archive.is_file():
-            raise FileNotFoundError(f"{archive} not found (timm's path needs the JPEG copy's train.tar.gz)")
-    elif kind == "imagefolder" and path.is_dir():
-        return path / "train" if (path / "train").is_dir() else path
-    elif kind == "imagefolder":
-        archive = path
-    else:
-        raise ValueError(f"timm's ImageFolder path needs cifar10:, cifar100: or imagefolder: data, not '{spec}'")
-    st = archive.stat()
-    key = hashlib.sha256(f"{archive}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = Path(extract_dir).expanduser() if extract_dir else default_cache_dir() / "bench"
-    dest = root / f"{kind}-{archive.name.split('.')[0]}-{key}"
-    if not (dest / ".complete").is_file():
-        log(f"extracting {archive} to {dest} (once, outside timing)")
-        tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            try:
-                tar.extractall(tmp, filter="data")
-            except TypeError:  # Python without extraction filters
-                tar.extractall(tmp)  # noqa: S202 - the project's own data archive
-        (tmp / ".complete").write_text(str(archive) + "\n")
-        if dest.exists():  # another run finished first
-            import shutil
-
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(dest)
-    dirs = [p for p in dest.iterdir() if p.is_dir()]
-    return dest / "train" if (dest / "train").is_dir() else (dirs[0] if len(dirs) == 1 else dest)
 
 
 # ----------------------------------------------------------------------------- vitdistill's loop
@@ -287,7 +214,7 @@ def student_step_img_s(s: Setup, data: Dataset, steps: int, warmup: int) -> floa
         opt.step()
         sched.step()
 
-    return _timed(step, steps, warmup, batch, device, s.args.repeats)
+    return timed(step, steps, warmup, batch, device, s.args.repeats)
 
 
 def teacher_fwd_img_s(s: Setup, model: torch.nn.Module, data: Dataset, steps: int, warmup: int) -> float:
@@ -301,150 +228,7 @@ def teacher_fwd_img_s(s: Setup, model: torch.nn.Module, data: Dataset, steps: in
         with autocast(s.device, s.cfg.train.amp):
             model(x)
 
-    return _timed(step, steps, warmup, batch, s.device, s.args.repeats)
-
-
-def _timed(step, steps: int, warmup: int, batch: int, device: torch.device, repeats: int) -> float:
-    for _ in range(max(1, warmup)):
-        step()
-    rates = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        rates.append(steps * batch / (time.perf_counter() - start))
-    return median(rates)
-
-
-# ----------------------------------------------------------------------------- timm's own KD path
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Shuffled sample order like ``shuffle=True``, with an epoch length the benchmark sets per epoch
-    (a warm-up epoch, then the measured one), so every epoch ends naturally and nothing prefetched
-    for one epoch is worked off inside the next."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch, self.length = n, seed, 0, n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(math.ceil(self.length / self.n))])
-        return iter(order[:self.length].tolist())
-
-    def __len__(self) -> int:
-        return self.length
-
-
-class SyntheticPIL(torch.utils.data.Dataset):
-    """The synthetic uint8 images as PIL images, so timm's transforms run on them as on decoded JPEGs."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
-        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # [N, H, W, 3]
-        self.labels = labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
-
-def timm_transform(student: torch.nn.Module, native: int, img_size: int, native_pad: int, prefetcher: bool):
-    """timm's train transform (``create_transform(is_training=True)``) kept to our augmentation: a
-    random crop with zero padding at the images' native size and a horizontal flip.
-
-    ``create_transform`` has no padded crop, so torchvision's ``RandomCrop(native, padding)`` goes first;
-    timm's RandomResizedCrop is pinned to the whole image (scale and ratio 1, bilinear), which only
-    resizes to ``img_size``; no colour jitter, AutoAugment or random erasing. With ``prefetcher`` the
-    transform stops at a uint8 tensor and timm's PrefetchLoader normalizes on the device, timm's
-    default on GPUs.
-    """
-    from timm.data import create_transform, resolve_data_config
-    from torchvision import transforms as T
-
-    dc = resolve_data_config({}, model=student)
-    tf = create_transform(input_size=img_size, is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
-                          color_jitter=None, auto_augment=None, re_prob=0.0, interpolation="bilinear",
-                          mean=dc["mean"], std=dc["std"], use_prefetcher=prefetcher)
-    head = [T.RandomCrop(native, padding=native_pad)] if native_pad else []
-    return T.Compose(head + list(tf.transforms)), dc
-
-
-def timm_img_s(s: Setup, data: Dataset, teacher_model: torch.nn.Module, dataset_kind: str, native: int,
-               native_pad: int, warmup: int, folder: Path | None) -> tuple[float, dict]:
-    """Images/s of ``TokenDistillationTask`` fed by a DataLoader with timm's transforms, stepped like ours."""
-    from timm.data.loader import PrefetchLoader, fast_collate
-    from timm.task import TokenDistillationTask
-    from timm.task.distillation import DistillationTeacher
-
-    args, cfg, device = s.args, s.cfg, s.device
-    batch = cfg.train.batch_size
-    prefetcher = args.timm_prefetcher == "on" or (args.timm_prefetcher == "auto" and device.type == "cuda")
-    student = s.student(data).to(device)
-    tf, dc = timm_transform(student, native, data.img_size, native_pad, prefetcher)
-    if dataset_kind == "imagefolder":
-        from torchvision.datasets import ImageFolder
-
-        dataset = ImageFolder(str(folder), transform=tf)
-    else:
-        dataset = SyntheticPIL(data.train.images, data.train.labels, tf)
-    workers = args.workers if args.workers is not None else args.threads
-    sampler = EpochSampler(len(dataset))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-        pin_memory=device.type == "cuda", drop_last=True, collate_fn=fast_collate if prefetcher else None)
-    feed = PrefetchLoader(loader, mean=dc["mean"], std=dc["std"], device=device) if prefetcher else loader
-
-    alpha = float(s.method_opts.get("alpha", 0.5 if args.method == "deit-hard" else 0.1))
-    task = TokenDistillationTask(
-        student_model=student, teacher_model=DistillationTeacher(teacher_model, device=device),
-        criterion=torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
-        distill_type="hard" if args.method == "deit-hard" else "soft", task_loss_weight=1 - alpha,
-        temperature=float(s.method_opts.get("tau", 3.0)), device=device, verbose=False).to(device)
-    task.train()
-    steps = s.steps
-    opt, sched = optimizer_and_schedule(cfg, [student], steps * args.repeats + warmup)
-    params = [p for grp in opt.param_groups for p in grp["params"]]
-
-    def epoch(n_steps: int) -> None:
-        sampler.length = n_steps * batch
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        for x, y in feed:
-            if not prefetcher:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, cfg.train.amp):
-                out = task(x, y)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if cfg.train.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad, foreach=True)
-            opt.step()
-            sched.step()
-            for key in ("loss", "task_loss", "distill_loss"):  # the bookkeeping our loop does
-                sums[key] = sums.get(key, 0) + out[key].detach().float() * len(y)
-            correct += (out["output"].argmax(dim=1) == y).sum()
-
-    if warmup:
-        epoch(warmup)  # also starts the persistent workers
-    rates = []
-    for _ in range(args.repeats):
-        sync(device)
-        start = time.perf_counter()
-        epoch(steps)  # timed from the epoch's first batch request, as a real epoch's wall time
-        sync(device)
-        rates.append(steps * batch / (time.perf_counter() - start))
-    rate = median(rates)
-    info = {"timm_workers": workers, "timm_prefetcher": prefetcher, "timm_dataset": dataset_kind,
-            "timm_transform": " | ".join(type(t).__name__ for t in tf.transforms)}
-    del feed, loader  # stops the workers
-    return rate, info
+    return timed(step, steps, warmup, batch, s.device, s.args.repeats)
 
 
 # ----------------------------------------------------------------------------- one configuration

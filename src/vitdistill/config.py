@@ -53,6 +53,11 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
     amp: str = "auto"  # auto (bf16 on CUDA only) | bf16 | off
+    optimizer: str = "auto"  # AdamW kernel: auto (fused where available, else foreach) | fused | foreach | for-loop
+    compile: bool = False  # torch.compile the student and the live teachers (tapped models stay eager)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    channels_last: bool | None = None  # CNN teachers in channels-last memory; null: on CUDA only
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -15,7 +15,7 @@ import torch
 from vitdistill.config import Config
 from vitdistill.data import DataSplit
 from vitdistill.engine import distributed as dist
-from vitdistill.engine import io
+from vitdistill.engine import io, speed
 from vitdistill.engine.evaluate import accuracy
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_side
@@ -68,6 +68,8 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
+    speed.check_compile(cfg.train)
+    speed.optimizer_kernel(cfg.train, device)
     with dist.local_main_first():  # one decode per node; the node's other processes read its cache
         data = load_run_data(cfg)
     world = dist.world_size()
@@ -88,8 +90,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     student.to(device)
     method.to(device)
     prep = InputPrep.for_model(student).to(device)
-    optimizer = torch.optim.AdamW(param_groups([student, method], cfg.train.weight_decay), lr=cfg.train.lr,
-                                  foreach=True)
+    optimizer = speed.make_optimizer(param_groups([student, method], cfg.train.weight_decay), cfg.train, device)
     n_train = len(data.train)
     steps_per_epoch = max(1, n_train // cfg.train.batch_size) if n_train > cfg.train.batch_size else 1
     total = steps_per_epoch * cfg.train.epochs
@@ -116,14 +117,17 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         io.write_text(out / "config.yaml", cfg.to_yaml())
+    run_student, notes = speed.compile_models(cfg.train, student, taps, side.teachers if side else [])
+    if notes and dist.is_main():
+        print("speed: " + "; ".join(notes), flush=True)
     # one DistributedDataParallel around student and method under torchrun; the plain step otherwise
-    step_module = dist.wrap_ddp(dist.TrainStep(student, prep, method, taps), device)
+    step_module = dist.wrap_ddp(dist.TrainStep(run_student, prep, method, taps), device)
     data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
     augment = augment_for(cfg, data)
     source = side.source if side is not None else None
 
     def student_eval(images: torch.Tensor) -> torch.Tensor:
-        return student(prep(images))
+        return run_student(prep(images))
 
     teacher_pred, teacher_acc = None, None
     if side is not None and side.test_logits is not None:

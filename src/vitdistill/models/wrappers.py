@@ -78,6 +78,24 @@ class Teacher(torch.nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.taps: FeatureTaps | None = None
+        self.channels_last = False
+        self._compiled: tuple = ()  # a tuple, so the compiled module is not registered as a submodule
+
+    def compile(self, **kwargs) -> None:  # type: ignore[override]
+        """Run the model through ``torch.compile(model, **kwargs)``; ``self.model`` stays eager, so
+        its state dict (and the teacher-cache hash of it) is unchanged."""
+        self._compiled = (torch.compile(self.model, **kwargs),)
+
+    def to_channels_last(self) -> None:
+        """Keep a CNN teacher's weights and inputs in NHWC memory (faster convolutions on GPUs)."""
+        self.model.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
+    def _run(self, images: torch.Tensor):
+        x = self.prep(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self._compiled[0] if self._compiled else self.model)(x)
 
     def tap(self, taps: tuple[Tap, ...]) -> None:
         """Capture ``taps`` on every forward from now on (replacing earlier ones)."""
@@ -92,9 +110,9 @@ class Teacher(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.taps is None:
-            return {"logits": self._logits(self.model(self.prep(images)))}
+            return {"logits": self._logits(self._run(images))}
         with self.taps.capture():
-            out = {"logits": self._logits(self.model(self.prep(images)))}
+            out = {"logits": self._logits(self._run(images))}
         out.update(self.taps.pop())
         return out
 

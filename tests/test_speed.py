@@ -1,0 +1,110 @@
+"""The speed switches of ``train`` (engine/speed.py): they change how fast a run goes, never what it
+computes beyond float rounding, and their bad values are one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, distill_args, run_cli_fast, run_cli_here
+from vitdistill.config import TrainConfig
+from vitdistill.engine import speed
+from vitdistill.models import Teacher, create_model
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_channels_last_teacher_gives_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    model, _ = create_model("resnet_micro_cnn", 10, 32, {})
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    teacher = Teacher(model)
+    plain = teacher(images)["logits"]
+    teacher.to_channels_last()
+    assert next(p for p in teacher.model.parameters() if p.ndim == 4).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(teacher(images)["logits"], plain, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_selects_cnn_teachers_only() -> None:
+    cnn, _ = create_model("resnet_micro_cnn", 10, 32, {})
+    vit, _ = create_model("vit_femto_patch4_16", 10, 16, {})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert speed.is_convnet(cnn) and not speed.is_convnet(vit)
+    assert speed.wants_channels_last(True, cnn, cpu) and not speed.wants_channels_last(True, vit, cpu)
+    assert not speed.wants_channels_last(None, cnn, cpu) and speed.wants_channels_last(None, cnn, cuda)
+    assert not speed.wants_channels_last(False, cnn, cuda)
+    teachers = [Teacher(cnn), Teacher(vit)]
+    assert speed.channels_last_teachers(TrainConfig(channels_last=True), teachers, cpu) == ["teacher 0: channels-last"]
+    assert teachers[0].channels_last and not teachers[1].channels_last
+
+
+def test_optimizer_kernels_take_the_same_steps() -> None:
+    """fused, foreach and for-loop AdamW are the same update (the kernels round differently)."""
+    results = {}
+    for kind in ("foreach", "fused", "for-loop"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = speed.make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}],
+                                   TrainConfig(optimizer=kind, lr=1e-2), torch.device("cpu"))
+        assert opt.defaults["fused"] is (True if kind == "fused" else None)
+        assert opt.defaults["foreach"] is {"foreach": True, "fused": None, "for-loop": False}[kind]
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results[kind] = model.weight.detach().clone()
+    torch.testing.assert_close(results["fused"], results["foreach"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["for-loop"], results["foreach"], rtol=1e-5, atol=1e-6)
+    auto = speed.optimizer_kernel(TrainConfig(), torch.device("cpu"))
+    assert auto == ("fused" if speed.fused_supported(torch.device("cpu")) else "foreach")
+
+
+def test_compiled_distill_matches_eager_and_keeps_plain_weights(tmp_path: Path, teacher_run: Path) -> None:
+    """``train.compile`` with the aot_eager backend (torch.compile's tracing without code generation,
+    so the check runs in seconds): the run writes the eager model's weight names and ends within
+    float tolerance of the eager run."""
+    args = distill_args("deit-hard", "deit_femto_distilled_patch4_16", "resnet_micro_cnn", teacher_run)
+    assert run_cli_here(*args, "--out", str(tmp_path / "eager")) == 0
+    r = run_cli_fast(*args, "--out", str(tmp_path / "compiled"), "--set", "train.compile=true",
+                     "--set", "train.compile_backend=aot_eager")
+    assert r.returncode == 0, r.stderr
+    assert "speed: student: torch.compile; teacher 0: torch.compile" in r.stdout
+    eager = load_file(str(tmp_path / "eager" / "student.safetensors"))
+    compiled = load_file(str(tmp_path / "compiled" / "student.safetensors"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-3)
+    a, b = _metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled")
+    for row_a, row_b in zip(a, b):
+        assert row_b["train_loss"] == pytest.approx(row_a["train_loss"], rel=1e-3)
+        assert abs(row_b["test_top1"] - row_a["test_top1"]) <= 2 / 128  # one or two borderline test digits
+
+
+def test_compile_leaves_tapped_models_eager(tmp_path: Path, teacher_run: Path) -> None:
+    args = distill_args("hidden", "vit_femto_patch4_16", "resnet_micro_cnn", teacher_run)
+    r = run_cli_fast(*args, "--out", str(tmp_path / "run"), "--epochs", "1", "--set", "train.compile=true",
+                     "--set", "train.compile_backend=aot_eager")
+    assert r.returncode == 0, r.stderr
+    assert "student: eager (its features are tapped)" in r.stdout
+    assert "teacher 0: eager (its features are tapped)" in r.stdout
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.compile_backend", "nope", "unknown train.compile_backend 'nope'"),
+    ("train.compile_mode", "fastest", "train.compile_mode must be one of"),
+    ("train.optimizer", "sgd", "train.optimizer must be one of"),
+    ("train.channels_last", "fast", "config key 'train.channels_last' expects"),
+])
+def test_bad_speed_keys_are_one_line_errors(tmp_path: Path, key: str, value: str, expected: str) -> None:
+    out = tmp_path / "run"
+    r = run_cli_fast("train", "--model", "vit_femto_patch4_16", "--epochs", "1", *TINY, "--out", str(out),
+                     "--set", "train.compile=true", "--set", f"{key}={value}")
+    assert r.returncode == 2
+    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
