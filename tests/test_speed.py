@@ -108,3 +108,22 @@ def test_bad_speed_keys_are_one_line_errors(tmp_path: Path, key: str, value: str
     assert r.returncode == 2
     assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_resume_of_a_run_saved_before_the_speed_keys(tmp_path: Path) -> None:
+    """A checkpoint whose saved config predates the speed keys still resumes (they were not choosable
+    then); a key that existed and differs still blocks it."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "vit_femto_patch4_16", "--epochs", "2", *TINY, "--out", str(out)]
+    assert run_cli_here(*args, "--set", "train.stop_after=1") == 0
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    saved = json.loads(state["config"])
+    for key in ("optimizer", "compile", "compile_backend", "compile_mode", "channels_last"):
+        del saved["train"][key]
+    state["config"] = json.dumps(saved)
+    torch.save(state, ckpt)
+    r = run_cli_fast(*args, "--resume", "--set", "train.lr=0.5")
+    assert r.returncode == 2 and "train.lr" in r.stderr
+    assert run_cli_here(*args, "--resume") == 0
+    assert len(_metrics(out)) == 2

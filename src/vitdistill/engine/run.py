@@ -37,7 +37,13 @@ def _comparable(cfg: dict) -> dict:
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The first key where the current config ``a`` and the saved one ``b`` differ ("" if none).
+
+    A key of ``a`` missing from ``b`` was added to vitdistill after the run began (the speed keys of
+    ``train``, for one); it cannot have been chosen then, so it does not block the resume."""
     for key in sorted(set(a) | set(b)):
+        if key in a and key not in b and not isinstance(a[key], dict):
+            continue
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             found = _first_difference(a[key], b[key], f"{prefix}{key}.")
             if found:
