@@ -127,3 +127,41 @@ def test_resume_of_a_run_saved_before_the_speed_keys(tmp_path: Path) -> None:
     assert r.returncode == 2 and "train.lr" in r.stderr
     assert run_cli_here(*args, "--resume") == 0
     assert len(_metrics(out)) == 2
+
+
+def test_train_step_hands_teacher_outputs_over_after_the_student_forward() -> None:
+    """``train.teacher_stream``: the step waits for the teacher (``consume``) after queueing the
+    student's forward and before the loss, the point that lets a side CUDA stream overlap them."""
+    from vitdistill.engine.distributed import TrainStep
+    from vitdistill.engine.trainer import LiveTeacher
+    from vitdistill.methods import build_method
+    from vitdistill.models import InputPrep
+
+    order: list[str] = []
+    student, _ = create_model("vit_femto_patch4_16", 10, 16, {})
+    student.register_forward_hook(lambda *_: order.append("student"))
+
+    class Source(LiveTeacher):
+        def consume(self, outputs):
+            order.append("consume")
+
+    method = build_method({"name": "logit-kd"}, 0.0)
+    real = method.forward
+    method.forward = lambda s, t, y: (order.append("method"), real(s, t, y))[1]
+    teacher = Teacher(create_model("resnet_micro_cnn", 10, 16, {})[0])
+    source = Source(teacher)
+    step = TrainStep(student, InputPrep.for_model(student), method, None, source)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    out = step(images, source(images, torch.arange(4), 0), torch.tensor([0, 1, 2, 3]))
+    assert order == ["student", "consume", "method"]
+    assert out["loss"].requires_grad
+    assert LiveTeacher(teacher).stream is None  # no side stream unless train.teacher_stream on CUDA
+    plain = TrainStep(student, InputPrep.for_model(student), method, None, None)
+    assert plain.consume is None
+
+
+def test_progress_figures_on_cpu_are_read_at_once() -> None:
+    from vitdistill.engine.runtime import RunningFigures
+
+    running = RunningFigures(torch.device("cpu"))
+    assert running.update(torch.tensor(6.0), torch.tensor(3), 4) == (1.5, 0.75)

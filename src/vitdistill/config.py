@@ -58,6 +58,7 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     channels_last: bool | None = None  # CNN teachers in channels-last memory; null: on CUDA only
+    teacher_stream: bool = False  # CUDA: run the live teacher on a side stream, beside the student's forward
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -259,10 +259,14 @@ class TrainStep(torch.nn.Module):
     run unchanged inside this module.
     """
 
-    def __init__(self, student: torch.nn.Module, prep: torch.nn.Module, method: torch.nn.Module, taps: Any) -> None:
+    def __init__(self, student: torch.nn.Module, prep: torch.nn.Module, method: torch.nn.Module, taps: Any,
+                 teacher: Any = None) -> None:
         super().__init__()
         self.student, self.prep, self.method = student, prep, method
         self.taps = taps
+        # the teacher source, when it can hand its outputs over late (LiveTeacher.consume): after the
+        # student's forward is queued, so a teacher on a side CUDA stream runs beside it
+        self.consume = getattr(teacher, "consume", None)
         # Never used, in no optimizer and no checkpoint: with it DDP always finds an unused parameter,
         # so it does not warn on every process that looking for them was unnecessary this time.
         param = next(student.parameters(), None)
@@ -272,6 +276,8 @@ class TrainStep(torch.nn.Module):
         from vitdistill.models.wrappers import student_outputs
 
         s_out = student_outputs(self.student, self.prep(images), self.taps)
+        if self.consume is not None and teacher_out is not None:
+            self.consume(teacher_out)
         parts = self.method(s_out, teacher_out, target)
         out = {k: (v if k == "loss" else v.detach()) for k, v in parts.items()}
         out["_logits"] = s_out["logits"].detach()

@@ -127,10 +127,10 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     if notes and dist.is_main():
         print("speed: " + "; ".join(notes), flush=True)
     # one DistributedDataParallel around student and method under torchrun; the plain step otherwise
-    step_module = dist.wrap_ddp(dist.TrainStep(run_student, prep, method, taps), device)
+    source = side.source if side is not None else None
+    step_module = dist.wrap_ddp(dist.TrainStep(run_student, prep, method, taps, source), device)
     data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
     augment = augment_for(cfg, data)
-    source = side.source if side is not None else None
 
     def student_eval(images: torch.Tensor) -> torch.Tensor:
         return run_student(prep(images))

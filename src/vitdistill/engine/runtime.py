@@ -48,3 +48,34 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
         raise UserError(f"train.amp must be auto, bf16 or off, not '{amp}'")
     enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class RunningFigures:
+    """The progress bar's running loss and accuracy, read without a host-device sync.
+
+    On CUDA, ``.item()`` would make the host wait for the whole queue of kernels every time the bar
+    is refreshed. Instead the sums are copied to pinned host memory without blocking, and a copy is
+    shown once its event reports it landed (a refresh or two later); on CPU they are read at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: tuple | None = None
+        self.shown: tuple[float, float] | None = None
+
+    def update(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float] | None:
+        """Offer the current sums; returns the latest (mean loss, accuracy) known on the host."""
+        if not self.cuda:
+            self.shown = (loss_sum.item() / seen, correct.item() / seen)
+            return self.shown
+        if self.pending is not None and self.pending[0].query():
+            _, host, n = self.pending
+            self.shown = (host[0].item() / n, host[1].item() / n)
+            self.pending = None
+        if self.pending is None:
+            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            host.copy_(torch.stack([loss_sum.float(), correct.float()]), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (event, host, seen)
+        return self.shown

@@ -115,7 +115,8 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
         assert teacher is not None
         live = teacher if len(teachers) == 1 else TeacherEnsemble(teachers)
         logits = dist.predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
-        return TeacherSide(LiveTeacher(live), logits, teacher, spec, teachers)
+        stream = torch.cuda.Stream(device) if cfg.train.teacher_stream and device.type == "cuda" else None
+        return TeacherSide(LiveTeacher(live, stream), logits, teacher, spec, teachers)
     if len(teachers) > 1:
         raise UserError("a teacher cache holds one teacher; drop --teacher-cache to run several teachers live")
     missing = set(method.teacher_outputs) - set(tc.CachedTeacher.provides)

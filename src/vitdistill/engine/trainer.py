@@ -16,7 +16,7 @@ from vitdistill.config import TrainConfig
 from vitdistill.data import DataSplit, epoch_batches
 from vitdistill.data.mix import Augment
 from vitdistill.engine import distributed as dist
-from vitdistill.engine.runtime import autocast, epoch_seed
+from vitdistill.engine.runtime import RunningFigures, autocast, epoch_seed
 from vitdistill.methods.base import Method, Outputs
 from vitdistill.models.taps import FeatureTaps
 
@@ -28,13 +28,36 @@ class TeacherSource(Protocol):
 
 
 class LiveTeacher:
-    """Runs the frozen teacher on the same augmented images the student sees."""
+    """Runs the frozen teacher on the same augmented images the student sees.
 
-    def __init__(self, teacher: torch.nn.Module) -> None:
+    With a CUDA ``stream`` (``train.teacher_stream``) the teacher's kernels are queued on that side
+    stream, so that on a GPU they can run beside the student's forward instead of before it; the
+    train step calls :meth:`consume` between the student's forward and the method's loss, which
+    makes the training stream wait for the teacher there and not earlier.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, stream: "torch.cuda.Stream | None" = None) -> None:
         self.teacher = teacher
+        self.stream = stream
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> Outputs:
-        return self.teacher(images)
+        if self.stream is None:
+            return self.teacher(images)
+        self.stream.wait_stream(torch.cuda.current_stream(images.device))  # the augmented batch is ready
+        with torch.cuda.stream(self.stream):
+            out = self.teacher(images)
+        images.record_stream(self.stream)  # the allocator must not reuse the batch before the teacher is done
+        return out
+
+    def consume(self, outputs: Outputs) -> None:
+        """Make the current stream wait for the teacher's outputs (no-op without a side stream)."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for value in outputs.values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(current)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> Callable[[int], float]:
@@ -89,7 +112,7 @@ def train_epoch(
     rank, world = dist.rank(), dist.world_size()
     # dropout and drop-path draw from the global generator: a pure function of (seed, epoch), per rank
     torch.manual_seed((epoch_seed(cfg.seed, epoch) + rank * 1_000_000_007) % 2**63)
-    step_module = step_module if step_module is not None else dist.TrainStep(student, prep, method, taps)
+    step_module = step_module if step_module is not None else dist.TrainStep(student, prep, method, taps, teacher)
     student.train()
     method.train()
     method.on_epoch_start(epoch)
@@ -99,6 +122,7 @@ def train_epoch(
     correct = torch.zeros((), device=device)
     seen = 0
     start = time.perf_counter()
+    running = RunningFigures(device)  # the bar's loss and accuracy, without a host-device sync on CUDA
     bar = tqdm(batches, desc=desc, leave=False, disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
     for step, batch in enumerate(bar):
         idx = dist.local_slice(batch, rank, world)  # the sampler: this rank's contiguous slice
@@ -123,9 +147,9 @@ def train_epoch(
         correct += (logits.argmax(dim=1) == hard).sum()
         seen += len(idx)
         if cfg.progress and rank == 0 and (step % 10 == 0 or step == len(batches) - 1):
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{sums['loss'].item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen * world / elapsed:.0f}")
+            shown = running.update(sums["loss"], correct, seen)
+            figures = {"loss": f"{shown[0]:.3f}", "acc": f"{shown[1]:.3f}"} if shown else {}
+            bar.set_postfix(**figures, img_s=f"{seen * world / (time.perf_counter() - start):.0f}")
     bar.close()
     elapsed = dist.all_reduce_max(time.perf_counter() - start)
     total = dist.all_reduce_sums({**{f"part/{k}": v for k, v in sums.items()}, "correct": correct, "seen": seen})
