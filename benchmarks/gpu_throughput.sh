@@ -8,7 +8,10 @@
 #   2. the CIFAR-10 JPEG copy upsampled to 224 px (vitdistill: resized once in memory; timm: an
 #      ImageFolder of the 32 px JPEGs, padded crop at 32 px, then timm's resize to 224 in the workers).
 #
-# Both runs together stay under 5 minutes on one H200-class GPU with 16 CPU cores (each is killed
+#   (between them, a short third run: the online loop on the synthetic data with the teacher in
+#   channels-last memory and on a side CUDA stream, train.channels_last and train.teacher_stream.)
+#
+# All runs together stay under 5 minutes on one H200-class GPU with 16 CPU cores (each is killed
 # at its timeout and prints what it has). Usage:
 #
 #   bash benchmarks/gpu_throughput.sh [OUT_DIR]        # JSON lines in OUT_DIR (default $OUT or runs/gpu-throughput)
@@ -69,6 +72,9 @@ run() {  # name, extra arguments...
 }
 
 run synthetic_224 --synthetic-only --synthetic-classes 1000
+# the speed switches on the same synthetic data, vitdistill's online loop only (a short run)
+TIMEOUT=${TIMEOUT_SWITCHES:-60} run synthetic_224_switches --synthetic-only --synthetic-classes 1000 \
+  --channels-last --teacher-stream --skip limits,augment,cached,timm
 if [ -f "$DATA/train.tar.gz" ]; then
   run cifar10_224 --data "cifar10:$DATA"
 else

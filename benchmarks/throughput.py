@@ -254,6 +254,9 @@ def bench(args: argparse.Namespace, kind: str) -> dict:
     warm = args.warmup
     teacher_model = s.teacher_model(data).to(device)
     teacher = Teacher(teacher_model).to(device)
+    if args.channels_last:  # vitdistill's train.channels_last; timm's path then gets the converted model too
+        teacher.to_channels_last()
+    stream = torch.cuda.Stream(device) if args.teacher_stream and device.type == "cuda" else None
     row: dict = {
         "teacher": f"{kind}:{s.teacher_name}", "teacher_kwargs": s.teacher_kwargs,
         "teacher_params": n_params(teacher_model), "student": args.student, "student_kwargs": args.student_kwargs,
@@ -261,6 +264,7 @@ def bench(args: argparse.Namespace, kind: str) -> dict:
         "img_size": data.img_size, "num_classes": data.num_classes, "pad": augment_for(s.cfg, data).pad,
         "batch": batch, "threads": args.threads, "device": str(device), "amp": args.amp, "steps": s.steps,
         "warmup_steps": warm, "repeats": args.repeats, "samples": s.steps * batch, "torch": torch.__version__,
+        "teacher_channels_last": args.channels_last, "teacher_stream": stream is not None,
     }
     try:
         import timm
@@ -281,11 +285,11 @@ def bench(args: argparse.Namespace, kind: str) -> dict:
     if "augment" not in skip:
         row["augment_img_s"] = rnd(augment_img_s(s, data))
     log(f"{kind}: vitdistill online epoch ({s.steps} steps, {source_name})")
-    row["vitdistill_img_s"] = rnd(vitdistill_epoch(s, data, LiveTeacher(teacher), warm))
+    row["vitdistill_img_s"] = rnd(vitdistill_epoch(s, data, LiveTeacher(teacher, stream), warm))
     if "synthetic" not in skip and not args.synthetic_only:
         log(f"{kind}: vitdistill online epoch on synthetic in-memory uint8 images")
         syn = synthetic_data(len(data.train), data.img_size, data.num_classes, data.pad)
-        row["vitdistill_synthetic_img_s"] = rnd(vitdistill_epoch(s, syn, LiveTeacher(teacher), warm))
+        row["vitdistill_synthetic_img_s"] = rnd(vitdistill_epoch(s, syn, LiveTeacher(teacher, stream), warm))
         row["data_path_cost"] = round(1 - row["vitdistill_img_s"] / row["vitdistill_synthetic_img_s"], 3)
     if "cached" not in skip:
         with tempfile.TemporaryDirectory(prefix="vitdistill-bench-cache-") as tmp:
@@ -434,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch.backends.cudnn.benchmark for every path on CUDA (timm's train.py sets it)")
     p.add_argument("--extract-dir", help="where the JPEG archive is extracted for ImageFolder "
                                          "(default $VITDISTILL_CACHE/bench or ~/.cache/vitdistill/bench)")
+    p.add_argument("--channels-last", action="store_true", help="the teacher in channels-last memory "
+                                                                   "(vitdistill's train.channels_last)")
+    p.add_argument("--teacher-stream", action="store_true", help="CUDA: vitdistill's live teacher on a side "
+                                                                 "stream (train.teacher_stream)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: limits, augment, synthetic, "
                                               "cached, timm")
     p.add_argument("--scaling", action="store_true", help="only the torchrun scaling measurement (1 and 2 processes)")
