@@ -188,3 +188,19 @@ def test_bad_grid_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_missing_config_through_the_cli(tmp_path: Path) -> None:
     r = run_cli_fast("compare", "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and r.stderr.startswith("error: cannot read config") and "Traceback" not in r.stderr
+
+
+def test_a_cell_may_name_the_grids_own_teacher_among_its_teachers(tmp_path: Path, teacher_run: Path) -> None:
+    """co-advise taught by the teacher the grid trains (OUT/teacher, not there yet) and another one:
+    planned to wait for the teacher run instead of refused as a missing weights file."""
+    out = tmp_path / "out"
+    cell = (f'[{{method: co-advise, student: vit_femto_patch4_16, teacher: "resnet_micro_cnn,resnet_micro_cnn", '
+            f'teacher_weights: "{out / "teacher"},{teacher_run}"}}]')
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    code = main(["compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--set", f"compare.cells={cell}",
+                 "--dry-run"])
+    assert code == 0
+    bad = cell.replace(str(teacher_run), str(tmp_path / "missing"))
+    r = run_cli_fast("compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--set",
+                     f"compare.cells={bad}", "--dry-run")
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -225,10 +225,13 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
             elif not cfg.model.teacher and not cfg.cache.dir:
                 raise UserError(f"cell '{cell.label}' (method {cell.method}) needs a teacher; give compare.teacher, "
                                 "model.teacher with model.teacher_weights, or the cell's teacher")
-            job.needs_teacher_run = bool(teacher_ref) and cfg.model.teacher_weights == teacher_ref["teacher_weights"]
-            if cfg.model.teacher_weights and not job.needs_teacher_run:
-                for w in cfg.model.teacher_weights.split(","):
-                    resolve_weights_path(w.strip())  # a wrong path fails now, not in the middle of the grid
+            # a cell may name the grid's own teacher run among its teachers (co-advise: it and another)
+            weights = [w.strip() for w in (cfg.model.teacher_weights or "").split(",") if w.strip()]
+            own = Path(teacher_ref["teacher_weights"]).resolve() if teacher_ref else None
+            job.needs_teacher_run = own is not None and any(Path(w).resolve() == own for w in weights)
+            for w in weights:
+                if Path(w).resolve() != own:
+                    resolve_weights_path(w)  # a wrong path fails now, not in the middle of the grid
             use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
             if (use and cls.teacher_outputs == ("logits",) and cls.teachers_needed <= 1 and cfg.model.teacher
                     and "," not in cfg.model.teacher):
