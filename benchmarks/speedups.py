@@ -8,8 +8,9 @@
   (``--backend``, default inductor), compile time excluded (it is reported apart).
 
 Every rate is the median of ``--repeats`` timings of ``--steps`` steps on in-memory tensors after
-warm-up steps, averaged over ``--passes`` passes that alternate the variants' order (the first
-variant timed in a process runs slower); ``*_over_*`` keys are the speed-ups. The script prints and never asserts.
+warm-up steps; the optimizer and channels-last variants are averaged over ``--passes`` passes
+that alternate their order (the first variant timed in a process runs slower), the compile part
+runs once, eager first; ``*_over_*`` keys are the speed-ups. The script prints and never asserts.
 
     .venv/bin/python benchmarks/speedups.py                     # CPU, the benchmark models of throughput.py
     .venv/bin/python benchmarks/speedups.py --device cuda --amp bf16 --batch 256
