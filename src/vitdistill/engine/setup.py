@@ -14,7 +14,7 @@ from vitdistill.config import Config
 from vitdistill.data import DataSplit, Dataset, load_data
 from vitdistill.engine import distributed as dist
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
-from vitdistill.engine.speed import channels_last_teachers, compile_models
+from vitdistill.engine.speed import channels_last_teachers, compile_teachers
 from vitdistill.data.mix import Augment
 from vitdistill.engine.trainer import LiveTeacher, TeacherSource
 from vitdistill.errors import UserError
@@ -174,7 +174,7 @@ def _cache_teacher(cfg: Config, cache_dir: str) -> dict:
     teacher, _ = build_teacher(cfg, data, "cache-teacher")
     teacher.to(device)
     channels_last_teachers(cfg.train, [teacher], device)
-    compile_models(cfg.train, torch.nn.Identity(), None, [teacher])  # the teacher only; no student here
+    compile_teachers(cfg.train, [teacher])
     header = cache_header(cfg, data, cfg.model.teacher, tc.state_hash(teacher.model))
     return tc.write_cache(Path(cache_dir), header, teacher, DataSplit(data.train.images.to(device),
                           data.train.labels), augment_for(cfg, data), cfg.train.eval_batch_size, device,

@@ -96,10 +96,32 @@ def check_compile(cfg: TrainConfig) -> None:
                             f"torch knows {', '.join(sorted(known))}")
 
 
+def _compile_kwargs(cfg: TrainConfig) -> dict:
+    kwargs: dict = {"backend": cfg.compile_backend}
+    if cfg.compile_mode != "default":
+        kwargs["mode"] = cfg.compile_mode
+    return kwargs
+
+
+def compile_teachers(cfg: TrainConfig, teachers: list) -> list[str]:
+    """``train.compile`` for the live teachers (:class:`~vitdistill.models.wrappers.Teacher`), each
+    unless a method taps its features; one note per teacher (none when compile is off)."""
+    check_compile(cfg)
+    if not cfg.compile:
+        return []
+    notes = []
+    for i, teacher in enumerate(teachers):
+        if teacher.taps is None:
+            teacher.compile(**_compile_kwargs(cfg))
+            notes.append(f"teacher {i}: torch.compile")
+        else:
+            notes.append(f"teacher {i}: eager (its features are tapped)")
+    return notes
+
+
 def compile_models(cfg: TrainConfig, student: torch.nn.Module, taps: FeatureTaps | None,
                    teachers: list) -> tuple[torch.nn.Module, list[str]]:
-    """``train.compile``: the student's compiled forward, and the live teachers
-    (:class:`~vitdistill.models.wrappers.Teacher`) compiled, each unless a method taps its features.
+    """``train.compile``: the student's compiled forward, and the teachers as :func:`compile_teachers`.
 
     Returns the module the loop should call for the student (``student`` itself when not compiled)
     and one note per model. The compiled student shares its parameters with ``student``, which stays
@@ -108,20 +130,8 @@ def compile_models(cfg: TrainConfig, student: torch.nn.Module, taps: FeatureTaps
     check_compile(cfg)
     if not cfg.compile:
         return student, []
-    kwargs: dict = {"backend": cfg.compile_backend}
-    if cfg.compile_mode != "default":
-        kwargs["mode"] = cfg.compile_mode
-    notes = []
-    run = student
     if taps is None or not taps.taps:
-        run = torch.compile(student, **kwargs)
-        notes.append("student: torch.compile")
+        run, notes = torch.compile(student, **_compile_kwargs(cfg)), ["student: torch.compile"]
     else:
-        notes.append("student: eager (its features are tapped)")
-    for i, teacher in enumerate(teachers):
-        if teacher.taps is None:
-            teacher.compile(**kwargs)
-            notes.append(f"teacher {i}: torch.compile")
-        else:
-            notes.append(f"teacher {i}: eager (its features are tapped)")
-    return run, notes
+        run, notes = student, ["student: eager (its features are tapped)"]
+    return run, notes + compile_teachers(cfg, teachers)
