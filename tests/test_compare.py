@@ -3,6 +3,7 @@ figures against the runs' summaries, the HTML rendered by headless Chromium, and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ compare:
     - {method: logit-kd, student: vit_femto_patch4_16, knobs: {tau: 2.0}, label: logit-kd-t2}
 """
 CELLS = ["none", "deit-hard", "logit-kd-t2"]
+TIMING = ("img_s", "epoch_s")
 PNGS = ["accuracy_vs_latency.png", "accuracy_vs_params.png", "learning_curves.png"]
 
 
@@ -204,3 +206,77 @@ def test_a_cell_may_name_the_grids_own_teacher_among_its_teachers(tmp_path: Path
     r = run_cli_fast("compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--set",
                      f"compare.cells={bad}", "--dry-run")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_two_shards_share_one_grid_and_match_the_unsharded_runs(grid: Path, tmp_path: Path) -> None:
+    """`--shard 2/2` started first waits for the teacher that `--shard 1/2` trains; then both run
+    side by side on one --out, each waiting for the teacher cache the other writes when it needs it
+    first. Every run trains exactly once, and each run's metrics equal the unsharded grid's."""
+    import sys
+
+    import vitdistill.compare as compare
+
+    (tmp_path / "grid.yaml").write_text(CONFIG)
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(tmp_path / "grid.yaml"), "--out", str(out), "--no-progress"]
+    code = ("import sys, vitdistill.compare as c; c.POLL_S = 0.2; from vitdistill.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    second = subprocess.Popen([sys.executable, "-c", code, *args, "--shard", "2/2"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert second.stdout is not None
+    head = []
+    while not head or "waiting for the teacher run" not in head[-1]:
+        head.append(second.stdout.readline())
+        assert head[-1], "shard 2 ended without waiting for the teacher: " + "".join(head) + second.stderr.read()
+    old, compare.POLL_S = compare.POLL_S, 0.2
+    try:
+        first = run_cli_fast(*args, "--shard", "1/2")
+    finally:
+        compare.POLL_S = old
+    rest, stderr2 = second.communicate(timeout=600)
+    stdout2 = "".join(head) + rest
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, stderr2
+    assert "teacher: train resnet_micro_cnn" in first.stdout and "teacher: train" not in stdout2
+
+    def started(text: str) -> list[str]:
+        return [line.split("start ")[1].split(":")[0] for line in text.splitlines() if "] start " in line]
+
+    assert sorted(started(first.stdout) + started(stdout2)) == sorted(f"{c} seed {s}" for c in CELLS for s in (0, 1))
+    assert started(first.stdout) == ["none seed 0", "logit-kd-t2 seed 0", "deit-hard seed 1"]
+    for label in CELLS:
+        for seed in (0, 1):
+            mine, ref = (_figures(root / "cells" / label / f"seed{seed}") for root in (out, grid))
+            assert mine == ref and len(mine) == 2, (label, seed)
+    assert {r["label"] for r in csv.DictReader(open(out / "leaderboard.csv"))} == {*CELLS, "teacher"}
+
+
+def test_take_shard_gives_each_cache_one_writer(tmp_path: Path) -> None:
+    from vitdistill.compare import Job, take_shard
+
+    cfg = None  # take_shard reads only the run order and the caches
+    runs = [Job(f"c{i}", 0, tmp_path / f"r{i}", cfg, cache=tmp_path / ("a" if i in (1, 2, 4) else "b") if i else None)
+            for i in range(6)]
+    one = take_shard([dataclasses.replace(j) for j in runs], (1, 2))
+    two = take_shard([dataclasses.replace(j) for j in runs], (2, 2))
+    assert [j.label for j in one] == ["c0", "c2", "c4"] and [j.label for j in two] == ["c1", "c3", "c5"]
+    # cache a is first replayed by c1 (shard 2), cache b by c3 (shard 2 as well)
+    assert [j.writes_cache for j in one] == [True, False, False] and all(j.writes_cache for j in two)
+    assert take_shard(runs, None) is runs
+
+
+def _figures(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing columns."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_shard_argument_errors(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    for bad in ("0/2", "3/2", "1-2", "a/b"):
+        r = run_cli_fast("compare", "--config", str(tmp_path / "c.yaml"), "--shard", bad, "--dry-run")
+        assert r.returncode == 2 and "--shard takes K/N" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli_fast("compare", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--shard", "2/2",
+                     "--dry-run")
+    assert r.returncode == 0 and "shard 2/2 takes 3 of them" in r.stdout and "teacher  train" not in r.stdout
+    assert r.stdout.count("\nrun ") == 3 and "cache    resnet_micro_cnn, 2 epochs, seed 0" in r.stdout

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the leaderboard from the finished runs in --out; trains nothing")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bar (the k/N lines stay)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only runs K, K+N, K+2N... of the plan, so N processes or machines share one --out; "
+                   "shard 1 trains the grid's teacher, the others wait for it")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model (and agreement with a teacher)")

@@ -29,6 +29,7 @@ COMPARE_KEYS = ("seeds", "teacher", "teacher_cache", "cells")
 CELL_KEYS = ("method", "student", "knobs", "label", "teacher", "teacher_weights", "teacher_cache", "set")
 TEACHER_KEYS = ("model", "weights", "kwargs", "epochs", "lr", "set")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+POLL_S = 30.0  # how often a shard looks again for a teacher or cache that another shard writes
 
 
 def _check_keys(where: str, value: Any, known: tuple[str, ...]) -> dict:
@@ -153,6 +154,7 @@ class Job:
     mode: str = "train"
     cache: Path | None = None  # the cache this run replays
     needs_teacher_run: bool = False  # waits for OUT/teacher to finish
+    writes_cache: bool = True  # this process writes ``cache`` (False: another shard does, this one waits)
 
 
 def _status(run_dir: Path) -> str:
@@ -251,6 +253,41 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
     return teacher_job, list(caches.values()), runs
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``K/N`` (1 <= K <= N) of ``--shard``, or None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise UserError(f"--shard takes K/N with 1 <= K <= N, e.g. --shard 1/2; got '{text}'")
+    return int(m[1]), int(m[2])
+
+
+def take_shard(runs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
+    """Shard K of N takes runs K, K+N, K+2N... of the plan; a teacher cache is written by the shard
+    that owns the first run replaying it, and the others wait for it."""
+    if shard is None:
+        return runs
+    k, n = shard
+    owner: dict[Path, int] = {}
+    for i, job in enumerate(runs):
+        if job.cache is not None:
+            owner.setdefault(job.cache, i % n)
+    mine = [job for i, job in enumerate(runs) if i % n == k - 1]
+    for job in mine:
+        job.writes_cache = job.cache is None or owner[job.cache] == k - 1
+    return mine
+
+
+def _wait_for(ready: Any, what: str) -> None:
+    """Block until ``ready()`` holds on rank 0: another shard is writing ``what``."""
+    if dist.on_main(ready):
+        return
+    print(f"waiting for {what}, which another shard writes (looking every {POLL_S:g} s)", flush=True)
+    while not dist.on_main(ready):
+        time.sleep(POLL_S)
+
+
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -303,8 +340,10 @@ def _warn_if_changed(job: Job) -> None:
         print(f"  note: '{job.out}' finished under another config ({diff}); delete it to rerun", flush=True)
 
 
-def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
-    """Run what is missing; returns the number of runs left unfinished (stopped or waiting)."""
+def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teacher: bool = True) -> int:
+    """Run what is missing; returns the number of runs left unfinished (stopped or waiting).
+
+    ``trains_teacher`` False (shards 2..N): the teacher run is shard 1's; runs that need it wait."""
     from vitdistill.engine.run import run
     from vitdistill.engine.setup import cache_teacher
 
@@ -314,7 +353,9 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
             summary = json.loads((job.out / "summary.json").read_text())
             progress.record(job.label, float(summary.get("wall_s") or 0), int(summary.get("epochs") or 0))
     teacher_ready = True
-    if teacher is not None:
+    if teacher is not None and not trains_teacher:
+        teacher_ready = False  # waited for below, by the first run that needs it
+    elif teacher is not None:
         status = dist.on_main(lambda: _status(teacher.out))
         if status == "done":
             print(f"teacher: skip {teacher.cfg.model.student} ({teacher.out}, finished)", flush=True)
@@ -337,12 +378,18 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
             if dist.is_main():
                 _warn_if_changed(job)
             continue
+        if job.needs_teacher_run and not teacher_ready and not trains_teacher:
+            assert teacher is not None
+            _wait_for(lambda: _status(teacher.out) == "done", f"the teacher run {teacher.out} (shard 1 trains it)")
+            teacher_ready = True
         if job.needs_teacher_run and not teacher_ready:
             progress.line(k, f"wait {what}: the teacher is unfinished; rerun to continue")
             left += 1
             continue
         if job.cache is not None and job.cache not in written:
             cache = next(c for c in caches if c.out == job.cache)
+            if not job.writes_cache:
+                _wait_for(lambda: _cache_done(cache.out, cache.cfg.train.epochs), f"the teacher cache {cache.out}")
             if dist.on_main(lambda: _cache_done(cache.out, cache.cfg.train.epochs)):
                 print(f"cache: skip {cache.out} (complete)", flush=True)
             else:
@@ -363,9 +410,14 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job]) -> int:
     return left
 
 
-def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Spec, out: Path) -> None:
-    print(f"compare: {len(spec.cells)} cells x {len(spec.seeds)} seed(s) = {len(runs)} runs in {out}")
-    if teacher is not None:
+def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Spec, out: Path,
+               shard: tuple[int, int] | None = None) -> None:
+    n = len(spec.cells) * len(spec.seeds)
+    part = f"; shard {shard[0]}/{shard[1]} takes {len(runs)} of them" if shard else ""
+    print(f"compare: {len(spec.cells)} cells x {len(spec.seeds)} seed(s) = {n} runs in {out}{part}")
+    if shard:  # the caches this shard writes; it waits for the others
+        caches = [c for c in caches if any(j.cache == c.out and j.writes_cache for j in runs)]
+    if teacher is not None and not (shard and shard[0] != 1):
         print(f"teacher  train {teacher.cfg.model.student}, {teacher.cfg.train.epochs} epochs, seed {teacher.seed} "
               f"-> {teacher.out} [{_status(teacher.out)}]")
     for c in caches:
@@ -407,9 +459,11 @@ def compare_cli(args: Any) -> int:
         return 0
     base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else [])
     spec = parse_spec(section, build_config(base).model.student)
-    teacher, caches, runs = plan(spec, base, out)
+    shard = parse_shard(getattr(args, "shard", None))
+    teacher, caches, every_run = plan(spec, base, out)
+    runs = take_shard(every_run, shard)
     if args.dry_run:
-        print_plan(teacher, caches, runs, spec, out.resolve())
+        print_plan(teacher, caches, runs, spec, out.resolve(), shard)
         return 0
     # under torchrun every run of the grid uses the one process group; rank 0 prints and writes
     with dist.session():
@@ -418,17 +472,20 @@ def compare_cli(args: Any) -> int:
             io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
                                                  "teacher": "teacher" if teacher else None})
         try:
-            left = execute(teacher, caches, runs)
+            left = execute(teacher, caches, runs, trains_teacher=shard is None or shard[0] == 1)
         except KeyboardInterrupt:
             print("interrupted; finished epochs are saved, rerun the same command to continue", file=sys.stderr)
             return 130
         if not dist.is_main():
             return 0
-        if not any((j.out / "summary.json").exists() for j in runs):
+        if not any((j.out / "summary.json").exists() for j in every_run):
             print(f"no run finished yet; rerun the same command to continue ({left} unfinished)")
             return 0
         write_leaderboard(out)
         print((out / "leaderboard.md").read_text())
         tail = f"; {left} runs unfinished, rerun the same command to continue" if left else ""
+        others = sum(not (j.out / "summary.json").exists() for j in every_run) - left
+        if shard is not None and others > 0:
+            tail += f"; {others} runs of other shards unfinished, the last shard to end writes the whole board"
         print(f"leaderboard in {out}/leaderboard.html (.md, .csv, and the PNGs){tail}")
         return 0
