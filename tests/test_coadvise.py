@@ -199,6 +199,13 @@ def test_cnn_and_involution_teachers_distill_resume_and_eval(teacher_run: Path, 
     summary = check_distill_and_resume(tmp_path, two_teachers(teacher_run, inv_teacher_run))
     rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_ce", "loss_kd0", "loss_kd1"} <= rows[0].keys()
+    # each teacher's own test top-1, the same figure its training run reported
+    own = [json.loads((d / "summary.json").read_text()) for d in (teacher_run, inv_teacher_run)]
+    assert [(t["model"], t["weights"]) for t in summary["teachers"]] == [
+        ("resnet_micro_cnn", str(teacher_run)), ("rednet_micro_inv", str(inv_teacher_run))]
+    assert [t["top1"] for t in summary["teachers"]] == pytest.approx([o["student_top1"] for o in own], abs=1e-6)
+    assert summary["teacher_top1"] == summary["teachers"][0]["top1"]
+    assert [t["params"] for t in summary["teachers"]] == [o["params"] for o in own]
     # eval rebuilds the three-headed student through adapt_student and scores what the run scored
     r = run_cli_fast("eval", "--student", str(tmp_path / "straight"), "--device", "cpu")
     assert r.returncode == 0, r.stderr

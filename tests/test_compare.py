@@ -152,6 +152,23 @@ def test_gain_kept_and_bands_by_hand(tmp_path: Path) -> None:
     assert [r["label"] for r in build_rows(tmp_path)[0]] == ["teacher", "kd-big", "kd", "none"]
 
 
+def test_a_row_per_teacher_of_a_multi_teacher_cell(tmp_path: Path) -> None:
+    """Co-advise's two teachers each get their own row; the CNN one is the same teacher as the
+    logit cell's (same name and weights), so its row counts both runs."""
+    cnn, inv = str(tmp_path / "cnn"), str(tmp_path / "inv")
+    _fake_run(tmp_path, "kd", 0, method="logit-kd", student="s", student_top1=0.6, teacher="cnn", teacher_top1=0.8)
+    (tmp_path / "cells" / "kd" / "seed0" / "config.yaml").write_text(
+        f"model: {{teacher: cnn, teacher_weights: {cnn}}}\n")
+    _fake_run(tmp_path, "co", 0, method="co-advise", student="s", student_top1=0.65, teacher="cnn,inv",
+              teacher_top1=0.7, teachers=[{"model": "cnn", "weights": cnn, "top1": 0.7, "params": 10},
+                                          {"model": "inv", "weights": inv, "top1": 0.5, "params": 20}])
+    rows = build_rows(tmp_path)[0]
+    teachers = {r["student"]: r for r in rows if r["role"] == "teacher"}
+    assert set(teachers) == {"cnn", "inv"}
+    assert teachers["cnn"]["top1_mean"] == pytest.approx(0.75) and teachers["inv"]["top1_mean"] == pytest.approx(0.5)
+    assert teachers["inv"]["params"] == 20
+
+
 def test_pareto_front() -> None:
     # (cost, accuracy): b beats a (cheaper, as good); d is dominated by c; ties on cost keep the best
     pts = [(2.0, 0.5), (1.0, 0.5), (3.0, 0.9), (4.0, 0.8), (3.0, 0.7)]

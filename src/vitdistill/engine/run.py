@@ -18,7 +18,7 @@ from vitdistill.engine import distributed as dist
 from vitdistill.engine import io, speed
 from vitdistill.engine.evaluate import accuracy
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
-from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_side
+from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_names, teacher_side
 from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
@@ -200,6 +200,14 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
         tprof = profile_model(side.model.model, (data.in_chans, t_size, t_size), device=str(device))
         summary.update({f"teacher_{k}": tprof[k] for k in ("params", "flops", "latency_ms_b1")})
         summary["teacher_spec"] = side.spec
+    if side is not None and side.each_test_logits:  # several teachers: each one's own figures
+        summary["teachers"] = []
+        for (name, weights), t, logits in zip(teacher_names(cfg), side.teachers, side.each_test_logits):
+            t_size = t.prep.size or data.img_size
+            tprof = profile_model(t.model, (data.in_chans, t_size, t_size), device=str(device))
+            summary["teachers"].append({"model": name, "weights": weights,
+                                        "top1": accuracy(logits, data.test.labels)["top1"],
+                                        **{k: tprof[k] for k in ("params", "flops", "latency_ms_b1")}})
     io.write_json(out / "summary.json", summary)
     write_run_report(out, metrics, summary)
     return summary

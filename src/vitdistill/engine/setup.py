@@ -96,6 +96,8 @@ class TeacherSide:
     model: Teacher | None  # the first teacher; None when a cache stands in and no teacher was named
     spec: dict | None
     teachers: list[Teacher] = field(default_factory=list)
+    # every live teacher's test logits, when there are several (Co-advise): the report's row per teacher
+    each_test_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.device) -> TeacherSide:
@@ -116,7 +118,9 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
         live = teacher if len(teachers) == 1 else TeacherEnsemble(teachers)
         logits = dist.predict(lambda x: teacher(x)["logits"], data.test, cfg.train.eval_batch_size, device)
         stream = torch.cuda.Stream(device) if cfg.train.teacher_stream and device.type == "cuda" else None
-        return TeacherSide(LiveTeacher(live, stream), logits, teacher, spec, teachers)
+        each = [logits] + [dist.predict(lambda x, t=t: t(x)["logits"], data.test, cfg.train.eval_batch_size, device)
+                           for t in teachers[1:]] if len(teachers) > 1 else []
+        return TeacherSide(LiveTeacher(live, stream), logits, teacher, spec, teachers, each)
     if len(teachers) > 1:
         raise UserError("a teacher cache holds one teacher; drop --teacher-cache to run several teachers live")
     missing = set(method.teacher_outputs) - set(tc.CachedTeacher.provides)

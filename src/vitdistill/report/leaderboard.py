@@ -106,21 +106,38 @@ def _teacher_rows(cells: dict[str, list[dict]], trained: dict | None, out: Path)
                      "n_seeds": 1, "top1_mean": trained.get("student_top1"), "top1_std": 0.0,
                      "teacher_top1": trained.get("student_top1"), "wall_s": trained.get("wall_s"), "_key": main_key,
                      **{k: trained.get(k) for k in _COST}})
+    # (model, weights) -> that teacher's figures in each run it taught; a run with several teachers
+    # (Co-advise) lists each in summary["teachers"] and adds to each one's row
     groups: dict[tuple, list[dict]] = {}
     for runs in cells.values():
         for r in runs:
-            if r.get("teacher") and r.get("teacher_top1") is not None:
-                groups.setdefault(tuple(r["_teacher_key"]), []).append(r)
+            if r.get("teachers"):
+                for t in r["teachers"]:
+                    groups.setdefault(_same_teacher(groups, (t["model"], t.get("weights"))), []).append(
+                        {"top1": t.get("top1"), "params": t.get("params"), "flops": t.get("flops"),
+                         "latency_ms_b1": t.get("latency_ms_b1")})
+            elif r.get("teacher") and r.get("teacher_top1") is not None:
+                groups.setdefault(_same_teacher(groups, tuple(r["_teacher_key"])), []).append(
+                    {"top1": r["teacher_top1"], "params": r.get("teacher_params"), "flops": r.get("teacher_flops"),
+                     "latency_ms_b1": r.get("teacher_latency_ms_b1")})
     for key, runs in groups.items():
-        if main_key is not None and key[0] == main_key[0] and key[1] and Path(key[1]).resolve() == Path(main_key[1]):
+        if main_key is not None and _same_key(key, main_key):
             continue
         label = "teacher" if not rows else f"teacher-{len(rows) + 1}"
+        top1 = _mean([r["top1"] for r in runs])
         rows.append({"label": label, "role": "teacher", "method": "-", "student": key[0], "n_seeds": 1,
-                     "top1_mean": _mean([r["teacher_top1"] for r in runs]), "top1_std": 0.0,
-                     "teacher_top1": _mean([r["teacher_top1"] for r in runs]), "wall_s": None, "_key": key,
-                     "params": runs[0].get("teacher_params"), "flops": runs[0].get("teacher_flops"),
-                     "latency_ms_b1": runs[0].get("teacher_latency_ms_b1")})
+                     "top1_mean": top1, "top1_std": 0.0, "teacher_top1": top1, "wall_s": None, "_key": key,
+                     **{k: runs[0][k] for k in ("params", "flops", "latency_ms_b1")}})
     return rows
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """One teacher: the same model name and the same weights path (compared resolved)."""
+    return a[0] == b[0] and (a[1] == b[1] or bool(a[1] and b[1]) and Path(a[1]).resolve() == Path(b[1]).resolve())
+
+
+def _same_teacher(groups: dict[tuple, list[dict]], key: tuple) -> tuple:
+    return next((k for k in groups if _same_key(k, key)), key)
 
 
 def build_rows(out: Path) -> tuple[list[dict], dict[str, list[dict]], dict | None]:
