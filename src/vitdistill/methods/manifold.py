@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitdistill.methods._features import StepRandom, grid_of, layer_pairs, require_vit, to_tokens
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, soft_kl
