@@ -195,3 +195,14 @@ def test_interrupted_report_keeps_old_files_and_no_temp(
         write_run_report(tmp_path, _metrics(3), {"method": "dist"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "report.png"]
     assert (tmp_path / "report.md").read_bytes() == before
+
+
+def test_learning_curves_tell_thirty_cells_apart(tmp_path: pathlib.Path) -> None:
+    from vitdistill.report.plots import curve_style, learning_curves
+
+    styles = {tuple(sorted(curve_style(i).items())) for i in range(30)}
+    assert len(styles) == 30
+    curves = {f"cell{i}": ([1, 2], [0.1 * (i % 7), 0.5]) for i in range(15)}
+    png = learning_curves(curves, ([1, 2], [0.6, 0.7]))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "c.png").write_bytes(png)

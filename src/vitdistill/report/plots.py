@@ -76,20 +76,26 @@ def accuracy_vs_cost(rows: list[dict], cost_key: str, cost_label: str, title: st
     return _png(fig)
 
 
+def curve_style(i: int) -> dict:
+    """Colour, line style and marker of the i-th curve: ten colours, then the next line style and
+    marker, so that a grid of more than ten cells still tells every curve apart (up to 30)."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", ":", "-.")[i // 10 % 3], "marker": "osD"[i // 10 % 3]}
+
+
 def learning_curves(curves: dict[str, tuple[list[int], list[float]]], teacher: tuple[list[int], list[float]] | None
                     ) -> bytes:
     """Test top-1 (%) per epoch of every cell (already averaged over seeds) on one chart."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = _figure((7, 4.5))
-    for label, (epochs, top1) in curves.items():
-        ax.plot(epochs, [100 * v for v in top1], marker="o", markersize=3, label=label)
+    fig, ax = _figure((8.5, 4.5))
+    for i, (label, (epochs, top1)) in enumerate(curves.items()):
+        ax.plot(epochs, [100 * v for v in top1], markersize=3, label=label, **curve_style(i))
     if teacher and teacher[0]:
         ax.plot(teacher[0], [100 * v for v in teacher[1]], linestyle="--", color="black", label="teacher")
     ax.set(title="Test top-1 per epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: a 15-cell legend would hide the curves
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return _png(fig)
