@@ -139,7 +139,6 @@ def profile_model(
     warmup: int = 2,
     iters: int = 10,
     measure_time: bool = True,
-    latency_iters: int = 50,
 ) -> dict:
     """Measure what a model costs at inference, the figures a compression report compares.
 
@@ -154,10 +153,7 @@ def profile_model(
       a batch of 1. It counts a multiply-add as 2 FLOPs (a ``Linear(16, 8)`` is 256), the convention
       of most recent papers; halve it to compare with "MACs" tables. Only operations the counter
       knows (matmuls, convolutions, attention) are counted; elementwise ops are not.
-    - ``latency_ms_b1``: median of ``latency_iters`` timed forwards at batch 1, after ``warmup``
-      untimed. A batch-1 forward of a tiny model takes milliseconds, so a few scheduler hiccups move
-      a median of 10: five trials of ``vit_pico_patch4_32`` at one thread beside another job gave
-      2.67-4.56 ms as the median of 10 and 2.69-2.95 ms as the median of 50.
+    - ``latency_ms_b1``: median of ``iters`` timed forwards at batch 1, after ``warmup`` untimed.
     - ``throughput_img_s``: images per second at batch ``batch`` (from the median batch time).
     - ``peak_mem_mb``: peak memory (MiB) of one forward at batch ``batch``. On CUDA this is
       ``torch.cuda.max_memory_allocated``. On CPU it is an estimate of tensor memory, not process
@@ -189,7 +185,7 @@ def profile_model(
 
             latency_ms = throughput = None
             if measure_time:
-                latency_ms = 1000 * _median_seconds(lambda: model(one), dev, warmup, latency_iters)
+                latency_ms = 1000 * _median_seconds(lambda: model(one), dev, warmup, iters)
                 throughput = batch / _median_seconds(lambda: model(many), dev, warmup, iters)
     finally:
         for module, training in modes.items():
