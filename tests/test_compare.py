@@ -222,7 +222,12 @@ def test_a_cell_may_name_the_grids_own_teacher_among_its_teachers(tmp_path: Path
     bad = cell.replace(str(teacher_run), str(tmp_path / "missing"))
     r = run_cli_fast("compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--set",
                      f"compare.cells={bad}", "--dry-run")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.startswith("error: cell 'co-advise':")
+    (tmp_path / "unfinished").mkdir()  # a teacher run still training: no weights file yet
+    bad = cell.replace(str(teacher_run), str(tmp_path / "unfinished"))
+    r = run_cli_fast("compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--set",
+                     f"compare.cells={bad}", "--dry-run")
+    assert r.returncode == 2 and "is its run unfinished?" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_two_shards_share_one_grid_and_match_the_unsharded_runs(grid: Path, tmp_path: Path) -> None:

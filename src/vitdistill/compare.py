@@ -233,7 +233,10 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
             job.needs_teacher_run = own is not None and any(Path(w).resolve() == own for w in weights)
             for w in weights:
                 if Path(w).resolve() != own:
-                    resolve_weights_path(w)  # a wrong path fails now, not in the middle of the grid
+                    try:  # a wrong path fails now, not in the middle of the grid
+                        resolve_weights_path(w)
+                    except UserError as exc:
+                        raise UserError(f"cell '{cell.label}': {exc}") from None
             use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
             if (use and cls.teacher_outputs == ("logits",) and cls.teachers_needed <= 1 and cfg.model.teacher
                     and "," not in cfg.model.teacher):

@@ -136,7 +136,8 @@ def resolve_weights_path(path: str) -> Path:
         for candidate in ("student.safetensors", "model.safetensors"):
             if (p / candidate).is_file():
                 return p / candidate
-        raise UserError(f"run directory '{path}' holds no student.safetensors or model.safetensors")
+        raise UserError(f"run directory '{path}' holds no student.safetensors or model.safetensors; "
+                        "is its run unfinished? finish it (--resume) or name a weights file")
     if not p.is_file():
         raise UserError(f"weights file '{path}' does not exist; check the path")
     return p
