@@ -195,19 +195,21 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
     input_size = (data.in_chans, data.img_size, data.img_size)
     prof = profile_model(student, input_size, device=str(device))
     summary.update({k: prof[k] for k in ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")})
+
+    def teacher_cost(t) -> dict:
+        t_size = t.prep.size or data.img_size
+        tprof = profile_model(t.model, (data.in_chans, t_size, t_size), device=str(device))
+        return {k: tprof[k] for k in ("params", "flops", "latency_ms_b1")}
+
     if side is not None and side.model is not None:
-        t_size = side.model.prep.size or data.img_size
-        tprof = profile_model(side.model.model, (data.in_chans, t_size, t_size), device=str(device))
-        summary.update({f"teacher_{k}": tprof[k] for k in ("params", "flops", "latency_ms_b1")})
+        first = teacher_cost(side.model)
+        summary.update({f"teacher_{k}": v for k, v in first.items()})
         summary["teacher_spec"] = side.spec
-    if side is not None and side.each_test_logits:  # several teachers: each one's own figures
-        summary["teachers"] = []
-        for (name, weights), t, logits in zip(teacher_names(cfg), side.teachers, side.each_test_logits):
-            t_size = t.prep.size or data.img_size
-            tprof = profile_model(t.model, (data.in_chans, t_size, t_size), device=str(device))
-            summary["teachers"].append({"model": name, "weights": weights,
-                                        "top1": accuracy(logits, data.test.labels)["top1"],
-                                        **{k: tprof[k] for k in ("params", "flops", "latency_ms_b1")}})
+        if side.each_test_logits:  # several live teachers (side.model is the first): each one's own figures
+            costs = [first] + [teacher_cost(t) for t in side.teachers[1:]]
+            summary["teachers"] = [
+                {"model": name, "weights": weights, "top1": accuracy(logits, data.test.labels)["top1"], **c}
+                for (name, weights), logits, c in zip(teacher_names(cfg), side.each_test_logits, costs)]
     io.write_json(out / "summary.json", summary)
     write_run_report(out, metrics, summary)
     return summary
