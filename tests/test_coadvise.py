@@ -21,14 +21,16 @@ from vitdistill.models.taps import LayerInfo, ModelInfo, describe
 # ---------------------------------------------------------------- involution
 
 
+@pytest.mark.parametrize("grad", [False, True])  # the shifted-window path and the unfold path
 @pytest.mark.parametrize("stride", [1, 2])
-def test_involution_is_a_per_pixel_kernel_shared_within_a_channel_group(stride: int) -> None:
+def test_involution_is_a_per_pixel_kernel_shared_within_a_channel_group(stride: int, grad: bool) -> None:
     # Y[k,i,j] = sum_{u,v} H[g(k), u, v, i, j] * X[k, s*i+u-1, s*j+v-1], H generated from (pooled) X
     torch.manual_seed(0)
     inv = Involution(channels=4, kernel_size=3, stride=stride, group_channels=2).eval()
     x = torch.randn(1, 4, 5, 5)
+    with torch.set_grad_enabled(grad):
+        y = inv(x).detach()
     with torch.no_grad():
-        y = inv(x)
         kernel = inv.span(inv.reduce(inv.pool(x)))[0]  # [K*K*G, h, w], the generated kernels
     h, w = kernel.shape[-2:]
     assert y.shape == (1, 4, h, w) and h == math.ceil(5 / stride)
@@ -43,6 +45,16 @@ def test_involution_is_a_per_pixel_kernel_shared_within_a_channel_group(stride: 
                         if 0 <= r < 5 and 0 <= c < 5:
                             total += float(kernel[g * 9 + u * 3 + v, i, j]) * float(x[0, k, r, c])
                 assert float(y[0, k, i, j]) == pytest.approx(total, rel=1e-4, abs=1e-5)
+
+
+def test_rednet_forward_is_the_same_with_and_without_autograd() -> None:
+    # a teacher's no-grad forward (shifted windows) must give the logits its training (unfold) saw
+    torch.manual_seed(0)
+    model = timm.create_model("rednet_micro_inv", num_classes=10).eval()
+    x = torch.randn(3, 3, 17, 17)  # odd size: the strided windows must end where unfold's do
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.allclose(model(x).detach(), fast, rtol=1e-4, atol=1e-5)
 
 
 def test_rednet_micro_is_a_registered_timm_model_with_feature_info() -> None:
