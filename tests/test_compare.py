@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -17,7 +18,7 @@ from conftest import run_cli_fast
 from vitdistill.cli import main
 from vitdistill.compare import parse_spec
 from vitdistill.errors import UserError
-from vitdistill.report.leaderboard import CSV_COLUMNS, build_rows
+from vitdistill.report.leaderboard import CSV_COLUMNS, build_rows, write_leaderboard
 from vitdistill.report.plots import pareto_front
 
 CONFIG = """
@@ -150,6 +151,27 @@ def test_gain_kept_and_bands_by_hand(tmp_path: Path) -> None:
     assert [rows[x]["latency_band"] for x in ("none", "kd", "kd-big")] == ["[1,2)", "[1,2)", "[2,4)"]
     assert rows["kd"]["best_in_band"] and not rows["none"]["best_in_band"] and rows["kd-big"]["best_in_band"]
     assert [r["label"] for r in build_rows(tmp_path)[0]] == ["teacher", "kd-big", "kd", "none"]
+
+
+def test_gain_confidence_interval_is_paired_by_seed(tmp_path: Path) -> None:
+    # no-KD 50/70/60 %, KD 54/73/66 %: per-seed gains 4, 3, 6 points; mean 4.333, s = sqrt(7/3);
+    # t(0.975, 2 df) = 4.302652729911275 from a t table; half-width t * s / sqrt(3)
+    for seed, (base, kd) in enumerate([(0.50, 0.54), (0.70, 0.73), (0.60, 0.66)]):
+        _fake_run(tmp_path, "none", seed, method="none", student="s", student_top1=base)
+        _fake_run(tmp_path, "kd", seed, method="logit-kd", student="s", student_top1=kd, teacher="t", teacher_top1=0.8)
+    _fake_run(tmp_path, "kd", 7, method="logit-kd", student="s", student_top1=0.99, teacher="t")  # no pair: unused
+    _fake_run(tmp_path, "one", 0, method="dist", student="s", student_top1=0.55, teacher="t")
+    rows = {r["label"]: r for r in build_rows(tmp_path)[0]}
+    half = 4.302652729911275 * math.sqrt(7 / 3) / math.sqrt(3)
+    assert rows["kd"]["gain_ci95_lo"] == pytest.approx(13 / 3 - half, abs=1e-4)
+    assert rows["kd"]["gain_ci95_hi"] == pytest.approx(13 / 3 + half, abs=1e-4)
+    # an unpaired seed moves the mean gain but not the paired interval
+    assert rows["kd"]["gain_pts"] == pytest.approx(100 * (0.54 + 0.73 + 0.66 + 0.99) / 4 - 60)
+    assert rows["one"]["gain_ci95_lo"] is None  # one paired seed: no interval
+    assert rows["none"]["gain_ci95_lo"] is None and rows["teacher"]["gain_ci95_hi"] is None
+    write_leaderboard(tmp_path)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert f"[{13 / 3 - half:+.2f}, {13 / 3 + half:+.2f}]" in md and "gain 95% CI (pts)" in md
 
 
 def test_a_row_per_teacher_of_a_multi_teacher_cell(tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ folder. One row per cell (mean and sample standard deviation over its finished s
 teacher. docs/compare.md defines the columns:
 
     gain_pts   = 100 * (top1_mean - top1_mean of the no-KD cell: same student, else the first one)
+    gain_ci95  = d_mean -/+ t_{0.975, n-1} * s_d / sqrt(n), with d_s = 100 * (top1 of the cell - top1 of
+                 the no-KD cell) on each of the n >= 2 seeds both finished (paired by seed: one seed gives
+                 both runs the same data order and augmentations, so the pairing removes that share of
+                 the noise); Student's t interval of the mean gain
     kept       = top1_mean / teacher top-1 (the teacher the cell distilled from; the main one for no-KD)
     band       = [2^b, 2^(b+1)) ms with b = floor(log2(latency_ms_b1)); best_in_band marks its top row
 """
@@ -28,16 +32,18 @@ from vitdistill.report import plots
 from vitdistill.report.tables import format_value, markdown_table
 
 CSV_COLUMNS = ["rank", "label", "role", "method", "student", "teacher", "n_seeds", "top1_mean", "top1_std",
-               "gain_pts", "agreement", "teacher_top1", "kept", "params", "flops", "latency_ms_b1",
-               "throughput_img_s", "peak_mem_mb", "wall_s", "latency_band", "best_in_band"]
+               "gain_pts", "gain_ci95_lo", "gain_ci95_hi", "agreement", "teacher_top1", "kept", "params", "flops",
+               "latency_ms_b1", "throughput_img_s", "peak_mem_mb", "wall_s", "latency_band", "best_in_band"]
 PICTURES = [("accuracy_vs_latency.png", "Top-1 against CPU latency at batch 1"),
             ("accuracy_vs_params.png", "Top-1 against parameters"),
             ("learning_curves.png", "Test top-1 per epoch")]
 _DISPLAY = [("best", "best"), ("rank", "#"), ("label", "cell"), ("method", "method"), ("student", "model"),
-            ("top1_txt", "top-1 (%)"), ("n_seeds", "seeds"), ("gain_txt", "gain (pts)"), ("agreement", "agreement (%)"),
+            ("top1_txt", "top-1 (%)"), ("n_seeds", "seeds"), ("gain_txt", "gain (pts)"),
+            ("gain_ci_txt", "gain 95% CI (pts)"), ("agreement", "agreement (%)"),
             ("kept_txt", "kept (%)"), ("params", "params"), ("flops", "FLOPs"), ("latency_ms_b1", "latency b1 (ms)"),
             ("throughput_img_s", "img/s"), ("peak_mem_mb", "peak mem (MiB)"), ("wall_s", "train (s)"),
             ("latency_band", "latency band (ms)")]
+_PREFORMATTED = ("best", "top1_txt", "gain_txt", "gain_ci_txt", "kept_txt")
 _COST = ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")
 
 
@@ -61,6 +67,7 @@ def _run(run_dir: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         model = {}
     summary["_metrics"] = _read_json_lines(run_dir / "metrics.jsonl")
+    summary["_seed"] = int(run_dir.name[4:]) if run_dir.name[4:].isdigit() else None
     summary["_teacher_key"] = (model.get("teacher") or summary.get("teacher"), model.get("teacher_weights"))
     return summary
 
@@ -131,6 +138,20 @@ def _teacher_rows(cells: dict[str, list[dict]], trained: dict | None, out: Path)
     return rows
 
 
+def paired_gain_ci(runs: list[dict], baseline: list[dict], level: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval (points) of the mean per-seed gain over the baseline, on the seeds both
+    finished; ``None`` with fewer than two such seeds (one seed says nothing about seed noise)."""
+    from scipy.stats import t as student_t  # scipy comes with scikit-learn; imported only here
+
+    base = {r["_seed"]: float(r["student_top1"]) for r in baseline if r.get("_seed") is not None}
+    diffs = [100 * (float(r["student_top1"]) - base[r["_seed"]]) for r in runs if r.get("_seed") in base]
+    if len(diffs) < 2:
+        return None
+    half = float(student_t.ppf(0.5 + level / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean = statistics.fmean(diffs)
+    return mean - half, mean + half
+
+
 def _same_key(a: tuple, b: tuple) -> bool:
     """One teacher: the same model name and the same weights path (compared resolved)."""
     return a[0] == b[0] and (a[1] == b[1] or bool(a[1] and b[1]) and Path(a[1]).resolve() == Path(b[1]).resolve())
@@ -152,11 +173,14 @@ def build_rows(out: Path) -> tuple[list[dict], dict[str, list[dict]], dict | Non
     for r in rows:
         ref = next((b for b in baselines if b["student"] == r["student"]), baselines[0] if baselines else None)
         r["gain_pts"] = None if ref is None else 100 * (r["top1_mean"] - ref["top1_mean"])
+        ci = None if ref is None or ref is r else paired_gain_ci(cells[r["label"]], cells[ref["label"]])
+        r["gain_ci95_lo"], r["gain_ci95_hi"] = ci if ci else (None, None)
         t1 = r["teacher_top1"] if r["teacher_top1"] is not None else main_teacher
         r["teacher_top1"] = t1
         r["kept"] = r["top1_mean"] / t1 if t1 else None
     for t in teachers:
-        t.update(gain_pts=None, kept=1.0 if t["top1_mean"] else None, agreement=None)
+        t.update(gain_pts=None, gain_ci95_lo=None, gain_ci95_hi=None, agreement=None,
+                 kept=1.0 if t["top1_mean"] else None)
     rows = sorted(rows + teachers, key=lambda r: -(r["top1_mean"] if r["top1_mean"] is not None else -1))
     best: dict[int, dict] = {}
     for i, r in enumerate(rows, 1):
@@ -177,6 +201,8 @@ def _display(r: dict) -> dict:
     d["top1_txt"] = (f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}" if r["top1_mean"] is not None
                      else "-")
     d["gain_txt"] = f"{r['gain_pts']:+.2f}" if r["gain_pts"] is not None else "-"
+    lo, hi = r.get("gain_ci95_lo"), r.get("gain_ci95_hi")
+    d["gain_ci_txt"] = f"[{lo:+.2f}, {hi:+.2f}]" if lo is not None else "-"
     d["kept_txt"] = f"{100 * r['kept']:.2f}" if r["kept"] is not None else "-"
     return d
 
@@ -192,7 +218,9 @@ def _csv(rows: list[dict]) -> str:
 
 
 _NOTES = ("top-1: mean ± sample standard deviation over the cell's seeds. gain: points over the no-KD cell with "
-          "the same student (else the first no-KD cell). kept: top-1 / the teacher's top-1. latency band: powers "
+          "the same student (else the first no-KD cell). gain 95% CI: Student's t interval of the mean gain, paired "
+          "by seed (seeds both finished, at least two); an interval that holds 0 means the gain is within seed "
+          "noise. kept: top-1 / the teacher's top-1. latency band: powers "
           "of two in ms; ★ marks the best top-1 of each band. Latency, throughput and memory are measured on the "
           "device each run trained on (CPU latency at batch 1 on a CPU run).")
 
@@ -211,7 +239,7 @@ _SCRIPT = """window.addEventListener('load', function () {
 
 
 def _html(rows: list[dict], images: dict[str, bytes], title: str) -> str:
-    numeric = {"rank", "n_seeds", "top1_txt", "gain_txt", "agreement", "kept_txt", "params", "flops",
+    numeric = {"rank", "n_seeds", "top1_txt", "gain_txt", "gain_ci_txt", "agreement", "kept_txt", "params", "flops",
                "latency_ms_b1", "throughput_img_s", "peak_mem_mb", "wall_s"}
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _DISPLAY)
     body = []
@@ -219,7 +247,7 @@ def _html(rows: list[dict], images: dict[str, bytes], title: str) -> str:
         cls = " ".join(c for c in (r["role"] == "teacher" and "teacher", r["best_in_band"] and "best") if c)
         tds = []
         for key, _ in _DISPLAY:
-            text = r[key] if key in ("best", "top1_txt", "gain_txt", "kept_txt") else format_value(key, r.get(key))
+            text = r[key] if key in _PREFORMATTED else format_value(key, r.get(key))
             kind = "star" if key == "best" else "num" if key in numeric else ""
             tds.append(f"<td class=\"{kind}\">{html.escape(str(text))}</td>")
         body.append(f"<tr class=\"{cls}\">{''.join(tds)}</tr>")
