@@ -233,3 +233,54 @@ def test_a_teacher_count_other_than_the_knob_is_one_line(teacher_run: Path, inv_
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "method.teachers" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k not in ("img_s", "epoch_s")}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_teacher_caches_replay_the_live_run(teacher_run: Path, inv_teacher_run: Path, tmp_path: Path) -> None:
+    caches = f"{tmp_path / 'cnn-cache'},{tmp_path / 'inv-cache'}"
+    r = run_cli_fast("cache-teacher", "--teacher", "resnet_micro_cnn,rednet_micro_inv", "--teacher-weights",
+                     f"{teacher_run},{inv_teacher_run}", "--epochs", "2", "--cache", caches,
+                     "--set", "cache.value_dtype=float32", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert [c["dir"] for c in json.loads(r.stdout.strip().splitlines()[-1])["caches"]] == caches.split(",")
+    assert json.loads((tmp_path / "inv-cache" / "header.json").read_text())["teacher"] == "rednet_micro_inv"
+    hard = ["--set", "method.kd=hard"]  # the argmax survives the stored log-probs exactly: identical runs
+    for name, extra in (("live", []), ("cached", ["--teacher-cache", caches])):
+        r = run_cli_fast(*two_teachers(teacher_run, inv_teacher_run, *hard, *extra, "--out", str(tmp_path / name)))
+        assert r.returncode == 0, r.stderr
+    assert _rows(tmp_path / "cached") == _rows(tmp_path / "live")
+    live, cached = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("live", "cached"))
+    untimed = [[{k: v for k, v in t.items() if k != "latency_ms_b1"} for t in s["teachers"]] for s in (live, cached)]
+    assert cached["teacher_cache"] == caches and untimed[0] == untimed[1]
+    # caches alone, no teacher named: the same run, each teacher named by its cache's header
+    r = run_cli_fast("distill", "--method", "co-advise", "--student", "vit_femto_patch4_16", "--teacher-cache", caches,
+                     "--epochs", "2", *TINY, *hard, "--out", str(tmp_path / "bare"))
+    assert r.returncode == 0, r.stderr
+    assert _rows(tmp_path / "bare") == _rows(tmp_path / "live")
+    bare = json.loads((tmp_path / "bare" / "summary.json").read_text())
+    assert [(t["model"], t["top1"]) for t in bare["teachers"]] == [(t["model"], t["top1"]) for t in live["teachers"]]
+
+
+@pytest.mark.parametrize("caches, says", [
+    ("{cnn}", "2 teachers but 1 teacher cache;"),                                # one cache for two teachers
+    ("{inv},{cnn}", "was made for teacher='rednet_micro_inv', this run has 'resnet_micro_cnn'"),  # wrong order
+])
+def test_teacher_caches_that_do_not_fit_are_one_line(teacher_run: Path, inv_teacher_run: Path, tmp_path: Path,
+                                                     caches: str, says: str) -> None:
+    for name, model, weights in (("cnn", "resnet_micro_cnn", teacher_run),
+                                 ("inv", "rednet_micro_inv", inv_teacher_run)):
+        r = run_cli_fast("cache-teacher", "--teacher", model, "--teacher-weights", str(weights), "--epochs", "2",
+                         "--cache", str(tmp_path / name), *TINY)
+        assert r.returncode == 0, r.stderr
+    given = caches.format(cnn=tmp_path / "cnn", inv=tmp_path / "inv")
+    r = run_cli_fast(*two_teachers(teacher_run, inv_teacher_run, "--teacher-cache", given, "--out", str(tmp_path / "x")))
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    # one cache alone cannot feed a two-teacher method
+    r = run_cli_fast("distill", "--method", "co-advise", "--student", "vit_femto_patch4_16", "--teacher-cache",
+                     str(tmp_path / "cnn"), "--epochs", "2", *TINY, "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "needs 2 teachers and got 1 teacher cache" in r.stderr, r.stderr

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", help="student model name")
     p.add_argument("--student-weights", help="initial student weights")
     p.add_argument("--method", help="distillation method; `vitdistill methods` lists them")
-    p.add_argument("--teacher-cache", help="replay a teacher cache written by `vitdistill cache-teacher`")
+    p.add_argument("--teacher-cache", help="replay a teacher cache written by `vitdistill cache-teacher` "
+                   "(several teachers: one cache each, comma-separated, in the teachers' order)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("cache-teacher", help="store the teacher's top-k outputs for every sample and epoch")
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher model name")
     p.add_argument("--teacher-weights", help="teacher weights (safetensors, torch file or run directory)")
     p.add_argument("--topk", type=int, help="logits kept per sample and epoch (default 10)")
-    p.add_argument("--cache", help="folder of the cache (written, or resumed when it exists)")
+    p.add_argument("--cache", help="folder of the cache (written, or resumed when it exists); several teachers: "
+                   "one folder each, comma-separated")
     p.set_defaults(func=cmd_cache_teacher)
 
     p = sub.add_parser("compare", help="run a grid of methods x students over seeds and write a leaderboard",

@@ -261,9 +261,32 @@ class CachedTeacher:
             return f.get_tensor("logits")
 
 
+class CachedTeachers:
+    """Several caches replayed together, one per teacher (Co-advise's teachers of different biases).
+
+    Outputs are named as a live ``TeacherEnsemble`` names them: the first teacher's as ``logits``,
+    teacher i's also as ``t{i}.logits``; so a method cannot tell the two sources apart.
+    """
+
+    provides = CachedTeacher.provides
+
+    def __init__(self, caches: list[CachedTeacher]) -> None:
+        self.caches = caches
+        self.header = caches[0].header
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, cache in enumerate(self.caches):
+            got = cache(images, indices, epoch)
+            if i == 0:
+                out.update(got)
+            out.update({f"t{i}.{k}": v for k, v in got.items()})
+        return out
+
+
 def cache_size_bytes(cache_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(cache_dir).glob("epoch_*.safetensors"))
 
 
-__all__ = ["CachedTeacher", "write_cache", "make_header", "rebuild_log_probs", "index_dtype", "state_hash",
+__all__ = ["CachedTeacher", "CachedTeachers", "write_cache", "make_header", "rebuild_log_probs", "index_dtype", "state_hash",
            "read_shard", "read_header", "check_header", "cache_size_bytes"]

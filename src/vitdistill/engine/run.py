@@ -205,11 +205,15 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
         first = teacher_cost(side.model)
         summary.update({f"teacher_{k}": v for k, v in first.items()})
         summary["teacher_spec"] = side.spec
-        if side.each_test_logits:  # several live teachers (side.model is the first): each one's own figures
+        if side.each_test_logits:  # several teachers, named (side.model is the first): each one's own figures
             costs = [first] + [teacher_cost(t) for t in side.teachers[1:]]
             summary["teachers"] = [
                 {"model": name, "weights": weights, "top1": accuracy(logits, data.test.labels)["top1"], **c}
                 for (name, weights), logits, c in zip(teacher_names(cfg), side.each_test_logits, costs)]
+    elif side is not None and side.each_test_logits:  # several caches and no teacher named: names from headers
+        summary["teachers"] = [{"model": c.header["teacher"], "weights": None,
+                                "top1": accuracy(logits, data.test.labels)["top1"]}
+                               for c, logits in zip(side.source.caches, side.each_test_logits)]
     io.write_json(out / "summary.json", summary)
     write_run_report(out, metrics, summary)
     return summary

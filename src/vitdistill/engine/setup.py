@@ -20,7 +20,7 @@ from vitdistill.engine.trainer import LiveTeacher, TeacherSource
 from vitdistill.errors import UserError
 from vitdistill.methods.base import Method
 from vitdistill.models import Teacher, create_model
-from vitdistill.models.taps import FeatureTaps, describe
+from vitdistill.models.taps import FeatureTaps, ModelInfo, describe
 from vitdistill.models.wrappers import TeacherEnsemble
 from vitdistill import teacher_cache as tc
 
@@ -98,6 +98,7 @@ class TeacherSide:
     teachers: list[Teacher] = field(default_factory=list)
     # every live teacher's test logits, when there are several (Co-advise): the report's row per teacher
     each_test_logits: list[torch.Tensor] = field(default_factory=list)
+    cache_teachers: list[str] = field(default_factory=list)  # replayed caches: each one's teacher name
 
 
 def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.device) -> TeacherSide:
@@ -121,21 +122,37 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
         each = [logits] + [dist.predict(lambda x, t=t: t(x)["logits"], data.test, cfg.train.eval_batch_size, device)
                            for t in teachers[1:]] if len(teachers) > 1 else []
         return TeacherSide(LiveTeacher(live, stream), logits, teacher, spec, teachers, each)
-    if len(teachers) > 1:
-        raise UserError("a teacher cache holds one teacher; drop --teacher-cache to run several teachers live")
+    dirs = cache_dirs(cfg)
+    if teachers and len(dirs) != len(teachers):
+        raise UserError(f"{len(teachers)} teachers but {len(dirs)} teacher cache{'s' * (len(dirs) != 1)}; give one "
+                        "cache per teacher, comma-separated, in the same order: --teacher-cache DA,DB")
+    if len(dirs) < method.teachers_needed:
+        raise UserError(f"method '{method.name}' needs {method.teachers_needed} teachers and got {len(dirs)} teacher "
+                        f"cache{'s' * (len(dirs) != 1)}; give one cache per teacher, comma-separated: "
+                        "--teacher-cache DA,DB")
     missing = set(method.teacher_outputs) - set(tc.CachedTeacher.provides)
     if missing:
         raise UserError(f"method '{method.name}' needs teacher outputs {sorted(missing)} that a teacher cache does "
                         "not hold; drop --teacher-cache to run the teacher live")
-    cache_dir = Path(cfg.cache.dir)
-    found = tc.read_header(cache_dir)
-    name = cfg.model.teacher or found["teacher"]
-    thash = tc.state_hash(teacher.model) if teacher is not None else found["teacher_hash"]
-    source = tc.CachedTeacher(cache_dir, cache_header(cfg, data, name, thash), device)
-    test_logits = source.test_logits()
-    if test_logits is not None and len(test_logits) != len(data.test):
-        test_logits = None  # made for another test subset: no teacher figures rather than wrong ones
-    return TeacherSide(source, test_logits, teacher, spec, teachers)
+    named = teacher_names(cfg)
+    caches = []
+    for i, cache_dir in enumerate(map(Path, dirs)):
+        found = tc.read_header(cache_dir)
+        name = named[i][0] if teachers else found["teacher"]
+        thash = tc.state_hash(teachers[i].model) if teachers else found["teacher_hash"]
+        caches.append(tc.CachedTeacher(cache_dir, cache_header(cfg, data, name, thash), device))
+    source = caches[0] if len(caches) == 1 else tc.CachedTeachers(caches)
+    # made for another test subset: no teacher figures rather than wrong ones
+    tests = [c.test_logits() for c in caches]
+    tests = [x if x is not None and len(x) == len(data.test) else None for x in tests]
+    each = tests if len(tests) > 1 and all(x is not None for x in tests) else []
+    return TeacherSide(source, tests[0], teacher, spec, teachers, each,  # type: ignore[arg-type]
+                       [c.header["teacher"] for c in caches])
+
+
+def cache_dirs(cfg: Config) -> list[str]:
+    """The teacher caches of ``cache.dir``, one per teacher, comma-separated in the teachers' order."""
+    return [d.strip() for d in (cfg.cache.dir or "").split(",") if d.strip()]
 
 
 def setup_method(method: Method, student: torch.nn.Module, student_name: str, side: TeacherSide | None,
@@ -150,6 +167,8 @@ def setup_method(method: Method, student: torch.nn.Module, student_name: str, si
     for t in side.teachers if side is not None else []:
         t_size = t.prep.size or data.img_size
         t_infos.append(describe(t.model, type(t.model).__name__, (data.in_chans, t_size, t_size), data.num_classes))
+    if side is not None and not side.teachers:  # caches stand in: the method still learns how many teachers
+        t_infos = [ModelInfo(name, "cache", [], num_classes=data.num_classes) for name in side.cache_teachers]
     method.setup(s_info, t_infos)
     if method.teacher_taps:
         if side is None or not side.teachers:
@@ -175,11 +194,18 @@ def _cache_teacher(cfg: Config, cache_dir: str) -> dict:
     device = pick_device(cfg.train.device)
     with dist.local_main_first():  # one decode per node; the node's other processes read its cache
         data = load_run_data(cfg)
-    teacher, _ = build_teacher(cfg, data, "cache-teacher")
-    teacher.to(device)
-    channels_last_teachers(cfg.train, [teacher], device)
-    compile_teachers(cfg.train, [teacher])
-    header = cache_header(cfg, data, cfg.model.teacher, tc.state_hash(teacher.model))
-    return tc.write_cache(Path(cache_dir), header, teacher, DataSplit(data.train.images.to(device),
-                          data.train.labels), augment_for(cfg, data), cfg.train.eval_batch_size, device,
-                          progress=cfg.train.progress, test=data.test)
+    teachers, _ = build_teachers(cfg, data, "cache-teacher")
+    dirs = [d.strip() for d in cache_dir.split(",") if d.strip()]
+    if len(dirs) != len(teachers):
+        raise UserError(f"{len(teachers)} teachers but {len(dirs)} cache folders; give one folder per teacher, "
+                        "comma-separated, in the same order: --cache DA,DB")
+    written = []
+    for (name, _), teacher, where in zip(teacher_names(cfg), teachers, dirs):
+        teacher.to(device)
+        channels_last_teachers(cfg.train, [teacher], device)
+        compile_teachers(cfg.train, [teacher])
+        header = cache_header(cfg, data, name, tc.state_hash(teacher.model))
+        written.append(tc.write_cache(Path(where), header, teacher, DataSplit(data.train.images.to(device),
+                                      data.train.labels), augment_for(cfg, data), cfg.train.eval_batch_size, device,
+                                      progress=cfg.train.progress, test=data.test))
+    return written[0] if len(written) == 1 else {"caches": written}

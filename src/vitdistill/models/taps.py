@@ -87,7 +87,7 @@ class ModelInfo:
     """What a method may know of a model when it sets itself up: its kind and its layers' shapes."""
 
     name: str
-    kind: str  # "vit" or "cnn"
+    kind: str  # "vit", "cnn", or "cache" (a replayed teacher cache: logits only, no layers)
     layers: list[LayerInfo]
     num_prefix_tokens: int = 0
     num_classes: int = 0
