@@ -252,6 +252,32 @@ def test_a_cell_may_name_the_grids_own_teacher_among_its_teachers(tmp_path: Path
     assert r.returncode == 2 and "is its run unfinished?" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_a_multi_teacher_cell_replays_one_cache_per_teacher(tmp_path: Path, teacher_run: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """With teacher_cache on, co-advise replays a cache per teacher; the one of the grid's own
+    teacher is the cache the logit cells of that seed replay too."""
+    out = tmp_path / "out"
+    cells = (f'[{{method: logit-kd, student: vit_femto_patch4_16}}, {{method: co-advise, student: vit_femto_patch4_16, '
+             f'teacher: "resnet_micro_cnn,resnet_micro_cnn", teacher_weights: "{out / "teacher"},{teacher_run}"}}]')
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    args = ["compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--set", f"compare.cells={cells}"]
+    assert main([*args, "--dry-run"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    caches = [ln.split(" -> ")[1].split(" [")[0] for ln in plan if ln.startswith("cache ")]
+    assert len(caches) == 4 and len({Path(c).parent for c in caches}) == 2  # 2 teachers x 2 seeds
+    runs = {ln.split(":")[0].split("  ", 1)[1]: ln for ln in plan if ln.startswith("run ")}
+    own = Path(next(c for c in caches if c.endswith("seed0"))).parent.name
+    assert f"via cache {own}" in runs["logit-kd seed 0"]
+    assert f"via cache {own}, " in runs["co-advise seed 0"]
+    # two shards: shard 1 runs logit-kd, so it writes the grid teacher's caches; shard 2 runs co-advise
+    # and writes only the other teacher's, waiting for the grid teacher's
+    assert main([*args, "--dry-run", "--shard", "2/2"]) == 0
+    second = [ln.split(" -> ")[1].split(" [")[0] for ln in capsys.readouterr().out.splitlines()
+              if ln.startswith("cache ")]
+    assert sorted(Path(c).name for c in second) == ["seed0", "seed1"]
+    assert all(Path(c).parent.name != own for c in second)
+
+
 def test_two_shards_share_one_grid_and_match_the_unsharded_runs(grid: Path, tmp_path: Path) -> None:
     """`--shard 2/2` started first waits for the teacher that `--shard 1/2` trains; then both run
     side by side on one --out, each waiting for the teacher cache the other writes when it needs it
@@ -299,13 +325,18 @@ def test_take_shard_gives_each_cache_one_writer(tmp_path: Path) -> None:
     from vitdistill.compare import Job, take_shard
 
     cfg = None  # take_shard reads only the run order and the caches
-    runs = [Job(f"c{i}", 0, tmp_path / f"r{i}", cfg, cache=tmp_path / ("a" if i in (1, 2, 4) else "b") if i else None)
-            for i in range(6)]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    uses = [(), (a,), (a,), (b,), (a,), (b, c)]  # c5 replays two caches (one per teacher, as co-advise does)
+    runs = [Job(f"c{i}", 0, tmp_path / f"r{i}", cfg, caches=u) for i, u in enumerate(uses)]
     one = take_shard([dataclasses.replace(j) for j in runs], (1, 2))
     two = take_shard([dataclasses.replace(j) for j in runs], (2, 2))
     assert [j.label for j in one] == ["c0", "c2", "c4"] and [j.label for j in two] == ["c1", "c3", "c5"]
-    # cache a is first replayed by c1 (shard 2), cache b by c3 (shard 2 as well)
-    assert [j.writes_cache for j in one] == [True, False, False] and all(j.writes_cache for j in two)
+    # cache a is first replayed by c1 (shard 2), b by c3 (shard 2 as well), c by c5 (shard 2)
+    assert [j.waits_for for j in one] == [frozenset(), {a}, {a}] and not any(j.waits_for for j in two)
+    three = take_shard([dataclasses.replace(j) for j in runs], (1, 3))  # c0, c3: b is c3's own to write
+    assert [(j.label, j.waits_for) for j in three] == [("c0", frozenset()), ("c3", frozenset())]
+    last = take_shard([dataclasses.replace(j) for j in runs], (3, 3))  # c2, c5: a is c1's, b is c3's, c is c5's
+    assert [(j.label, j.waits_for) for j in last] == [("c2", {a}), ("c5", {b})]
     assert take_shard(runs, None) is runs
 
 

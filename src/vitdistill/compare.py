@@ -152,9 +152,9 @@ class Job:
     out: Path
     cfg: Config
     mode: str = "train"
-    cache: Path | None = None  # the cache this run replays
+    caches: tuple[Path, ...] = ()  # the caches this run replays, one per teacher
     needs_teacher_run: bool = False  # waits for OUT/teacher to finish
-    writes_cache: bool = True  # this process writes ``cache`` (False: another shard does, this one waits)
+    waits_for: frozenset[Path] = frozenset()  # of ``caches``, those another shard writes (this one waits)
 
 
 def _status(run_dir: Path) -> str:
@@ -238,20 +238,27 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                     except UserError as exc:
                         raise UserError(f"cell '{cell.label}': {exc}") from None
             use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
-            if (use and cls.teacher_outputs == ("logits",) and cls.teachers_needed <= 1 and cfg.model.teacher
-                    and "," not in cfg.model.teacher):
-                m = cfg.model  # what the cache's content depends on, beside the seed and the epochs
-                key = json.dumps([m.teacher, m.teacher_weights, m.teacher_kwargs, m.pretrained,
-                                  dataclasses.asdict(cfg.data), cfg.cache.topk, cfg.cache.value_dtype],
-                                 sort_keys=True, default=str)
-                name = f"{_slug(cfg.model.teacher)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-                job.cache = out / "caches" / name / f"seed{seed}"
-                cfg.cache.dir = str(job.cache)
-                if job.cache not in caches:
-                    caches[job.cache] = Job(name, seed, job.cache, copy.deepcopy(cfg),
-                                            needs_teacher_run=job.needs_teacher_run)
-                cache_job = caches[job.cache]
-                cache_job.cfg.train.epochs = max(cache_job.cfg.train.epochs, cfg.train.epochs)
+            if use and cls.teacher_outputs == ("logits",) and cfg.model.teacher:
+                # one cache per teacher, shared by every cell of the seed that has the same teacher
+                m = cfg.model
+                names = [n.strip() for n in m.teacher.split(",")]
+                paths = [w.strip() for w in (m.teacher_weights or "").split(",")] if m.teacher_weights else []
+                paths = paths if len(names) > 1 else [m.teacher_weights]
+                job_caches = []
+                for name, path in zip(names, paths + [None] * (len(names) - len(paths))):
+                    key = json.dumps([name, path, m.teacher_kwargs, m.pretrained, dataclasses.asdict(cfg.data),
+                                      cfg.cache.topk, cfg.cache.value_dtype], sort_keys=True, default=str)
+                    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+                    where = out / "caches" / f"{_slug(name)}-{digest}" / f"seed{seed}"
+                    if where not in caches:
+                        ccfg = copy.deepcopy(cfg)
+                        ccfg.model.teacher, ccfg.model.teacher_weights, ccfg.cache.dir = name, path, str(where)
+                        mine = own is not None and path is not None and Path(path).resolve() == own
+                        caches[where] = Job(where.parent.name, seed, where, ccfg, needs_teacher_run=mine)
+                    caches[where].cfg.train.epochs = max(caches[where].cfg.train.epochs, cfg.train.epochs)
+                    job_caches.append(where)
+                job.caches = tuple(job_caches)
+                cfg.cache.dir = ",".join(map(str, job_caches))
             runs.append(job)
     return teacher_job, list(caches.values()), runs
 
@@ -274,11 +281,11 @@ def take_shard(runs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
     k, n = shard
     owner: dict[Path, int] = {}
     for i, job in enumerate(runs):
-        if job.cache is not None:
-            owner.setdefault(job.cache, i % n)
+        for cache in job.caches:
+            owner.setdefault(cache, i % n)
     mine = [job for i, job in enumerate(runs) if i % n == k - 1]
     for job in mine:
-        job.writes_cache = job.cache is None or owner[job.cache] == k - 1
+        job.waits_for = frozenset(c for c in job.caches if owner[c] != k - 1)
     return mine
 
 
@@ -389,16 +396,15 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
             progress.line(k, f"wait {what}: the teacher is unfinished; rerun to continue")
             left += 1
             continue
-        if job.cache is not None and job.cache not in written:
-            cache = next(c for c in caches if c.out == job.cache)
-            if not job.writes_cache:
-                _wait_for(lambda: _cache_done(cache.out, cache.cfg.train.epochs), f"the teacher cache {cache.out}")
-            if dist.on_main(lambda: _cache_done(cache.out, cache.cfg.train.epochs)):
+        for cache in (next(c for c in caches if c.out == path) for path in job.caches if path not in written):
+            if cache.out in job.waits_for:
+                _wait_for(lambda c=cache: _cache_done(c.out, c.cfg.train.epochs), f"the teacher cache {cache.out}")
+            if dist.on_main(lambda c=cache: _cache_done(c.out, c.cfg.train.epochs)):
                 print(f"cache: skip {cache.out} (complete)", flush=True)
             else:
                 print(f"cache: write {cache.cfg.train.epochs} epochs of teacher outputs -> {cache.out}", flush=True)
                 cache_teacher(cache.cfg, str(cache.out))
-            written.add(job.cache)
+            written.add(cache.out)
         progress.line(k, f"start {what}: {job.mode} {job.cfg.model.student} ({status})")
         before, t0 = (_epochs_done(job.out) if dist.is_main() else 0), time.perf_counter()
         summary = run(job.cfg, job.mode, resume=status == "resume")
@@ -419,7 +425,7 @@ def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Sp
     part = f"; shard {shard[0]}/{shard[1]} takes {len(runs)} of them" if shard else ""
     print(f"compare: {len(spec.cells)} cells x {len(spec.seeds)} seed(s) = {n} runs in {out}{part}")
     if shard:  # the caches this shard writes; it waits for the others
-        caches = [c for c in caches if any(j.cache == c.out and j.writes_cache for j in runs)]
+        caches = [c for c in caches if any(c.out in j.caches and c.out not in j.waits_for for j in runs)]
     if teacher is not None and not (shard and shard[0] != 1):
         print(f"teacher  train {teacher.cfg.model.student}, {teacher.cfg.train.epochs} epochs, seed {teacher.seed} "
               f"-> {teacher.out} [{_status(teacher.out)}]")
@@ -429,7 +435,7 @@ def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Sp
     for k, job in enumerate(runs, 1):
         m = job.cfg.method
         knobs = ", ".join(f"{a}={b}" for a, b in m.items() if a != "name")
-        via = f" via cache {job.cache.parent.name}" if job.cache else ""
+        via = f" via cache {', '.join(c.parent.name for c in job.caches)}" if job.caches else ""
         teach = f" <- {job.cfg.model.teacher}{via}" if job.mode == "distill" else ""
         print(f"run {k}/{len(runs)}  {job.label} seed {job.seed}: {job.mode} {m['name']}"
               f"{' (' + knobs + ')' if knobs else ''} {job.cfg.model.student}{teach}, {job.cfg.train.epochs} epochs "
