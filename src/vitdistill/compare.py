@@ -246,7 +246,8 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                 paths = paths if len(names) > 1 else [m.teacher_weights]
                 job_caches = []
                 for name, path in zip(names, paths + [None] * (len(names) - len(paths))):
-                    key = json.dumps([name, path, m.teacher_kwargs, m.pretrained, dataclasses.asdict(cfg.data),
+                    same = str(Path(path).resolve()) if path else path  # one teacher however its path is spelt
+                    key = json.dumps([name, same, m.teacher_kwargs, m.pretrained, dataclasses.asdict(cfg.data),
                                       cfg.cache.topk, cfg.cache.value_dtype], sort_keys=True, default=str)
                     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
                     where = out / "caches" / f"{_slug(name)}-{digest}" / f"seed{seed}"
