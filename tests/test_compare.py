@@ -269,6 +269,13 @@ def test_a_multi_teacher_cell_replays_one_cache_per_teacher(tmp_path: Path, teac
     own = Path(next(c for c in caches if c.endswith("seed0"))).parent.name
     assert f"via cache {own}" in runs["logit-kd seed 0"]
     assert f"via cache {own}, " in runs["co-advise seed 0"]
+    # the grid itself, one seed: co-advise replays the logit cell's cache of the grid teacher and its own
+    r = run_cli_fast(*args, "--set", "compare.seeds=[0]", "--set", "compare.teacher.epochs=1")
+    assert r.returncode == 0, r.stderr
+    used = {label: json.loads((out / "cells" / label / "seed0" / "summary.json").read_text())["teacher_cache"]
+            for label in ("logit-kd", "co-advise")}
+    assert used["co-advise"].split(",")[0] == used["logit-kd"] and len(set(used["co-advise"].split(","))) == 2
+    assert r.stdout.count("cache: write") == 2 and len(list((out / "caches").glob("*/seed0"))) == 2
     # two shards: shard 1 runs logit-kd, so it writes the grid teacher's caches; shard 2 runs co-advise
     # and writes only the other teacher's, waiting for the grid teacher's
     assert main([*args, "--dry-run", "--shard", "2/2"]) == 0
