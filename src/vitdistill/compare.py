@@ -240,12 +240,11 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
             use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
             if use and cls.teacher_outputs == ("logits",) and cfg.model.teacher:
                 # one cache per teacher, shared by every cell of the seed that has the same teacher
+                from vitdistill.engine.setup import teacher_names
+
                 m = cfg.model
-                names = [n.strip() for n in m.teacher.split(",")]
-                paths = [w.strip() for w in (m.teacher_weights or "").split(",")] if m.teacher_weights else []
-                paths = paths if len(names) > 1 else [m.teacher_weights]
                 job_caches = []
-                for name, path in zip(names, paths + [None] * (len(names) - len(paths))):
+                for name, path in teacher_names(cfg):
                     same = str(Path(path).resolve()) if path else path  # one teacher however its path is spelt
                     key = json.dumps([name, same, m.teacher_kwargs, m.pretrained, dataclasses.asdict(cfg.data),
                                       cfg.cache.topk, cfg.cache.value_dtype], sort_keys=True, default=str)

@@ -122,7 +122,7 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
         each = [logits] + [dist.predict(lambda x, t=t: t(x)["logits"], data.test, cfg.train.eval_batch_size, device)
                            for t in teachers[1:]] if len(teachers) > 1 else []
         return TeacherSide(LiveTeacher(live, stream), logits, teacher, spec, teachers, each)
-    dirs = cache_dirs(cfg)
+    dirs = split_dirs(cfg.cache.dir)
     if teachers and len(dirs) != len(teachers):
         raise UserError(f"{len(teachers)} teachers but {len(dirs)} teacher cache{'s' * (len(dirs) != 1)}; give one "
                         "cache per teacher, comma-separated, in the same order: --teacher-cache DA,DB")
@@ -150,9 +150,9 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
                        [c.header["teacher"] for c in caches])
 
 
-def cache_dirs(cfg: Config) -> list[str]:
-    """The teacher caches of ``cache.dir``, one per teacher, comma-separated in the teachers' order."""
-    return [d.strip() for d in (cfg.cache.dir or "").split(",") if d.strip()]
+def split_dirs(text: str | None) -> list[str]:
+    """Teacher caches given comma-separated, one per teacher in the teachers' order."""
+    return [d.strip() for d in (text or "").split(",") if d.strip()]
 
 
 def setup_method(method: Method, student: torch.nn.Module, student_name: str, side: TeacherSide | None,
@@ -195,7 +195,7 @@ def _cache_teacher(cfg: Config, cache_dir: str) -> dict:
     with dist.local_main_first():  # one decode per node; the node's other processes read its cache
         data = load_run_data(cfg)
     teachers, _ = build_teachers(cfg, data, "cache-teacher")
-    dirs = [d.strip() for d in cache_dir.split(",") if d.strip()]
+    dirs = split_dirs(cache_dir)
     if len(dirs) != len(teachers):
         raise UserError(f"{len(teachers)} teachers but {len(dirs)} cache folders; give one folder per teacher, "
                         "comma-separated, in the same order: --cache DA,DB")

@@ -56,6 +56,11 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _seed_of(run_dir: Path) -> int | None:
+    """k of a ``seed<k>`` run folder (None for any other name)."""
+    return int(run_dir.name[4:]) if run_dir.name.startswith("seed") and run_dir.name[4:].isdigit() else None
+
+
 def _run(run_dir: Path) -> dict | None:
     """A finished run's summary with its metrics and teacher identity, or None when unfinished."""
     path = run_dir / "summary.json"
@@ -67,7 +72,7 @@ def _run(run_dir: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         model = {}
     summary["_metrics"] = _read_json_lines(run_dir / "metrics.jsonl")
-    summary["_seed"] = int(run_dir.name[4:]) if run_dir.name[4:].isdigit() else None
+    summary["_seed"] = _seed_of(run_dir)
     summary["_teacher_key"] = (model.get("teacher") or summary.get("teacher"), model.get("teacher_weights"))
     return summary
 
@@ -81,8 +86,7 @@ def collect(out: Path) -> tuple[dict[str, list[dict]], dict | None]:
     found = sorted(p.name for p in (out / "cells").iterdir() if p.is_dir()) if (out / "cells").is_dir() else []
     cells: dict[str, list[dict]] = {}
     for label in order + [x for x in found if x not in order]:
-        seeds = sorted((out / "cells" / label).glob("seed*"), key=lambda p: int(p.name[4:] or 0)
-                       if p.name[4:].isdigit() else 0)
+        seeds = sorted((out / "cells" / label).glob("seed*"), key=lambda p: _seed_of(p) or 0)
         runs = [r for r in (_run(s) for s in seeds) if r is not None]
         if runs:
             cells[label] = runs
