@@ -1,0 +1,126 @@
+"""The demo's recipe with one change at a time, over seeds: does deit-hard beat no-KD on digits?
+
+For each seed it trains the demo's teacher (shared by every variant that leaves the teacher alone),
+the no-KD student and the deit-hard student of ``vitdistill.demo.demo_configs`` with the variant's
+config layers merged in, then prints one JSON object per seed: both students' top-1, the gain in
+points, and the top-1 of the distilled student's class head, distillation head and their average
+(what DeiT reports) with the mean logit norm of each head. Runs are kept under ``--out`` and a
+rerun reuses the finished ones. The script prints and never asserts.
+
+    .venv/bin/python benchmarks/demo_variants.py --variant base --seeds 0 1 2
+    .venv/bin/python benchmarks/demo_variants.py --variant e80 --seeds 0 1 2 --out runs/demo-variants
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitdistill.config import build_config
+from vitdistill.data import load_data
+from vitdistill.demo import demo_configs
+from vitdistill.engine.run import run
+from vitdistill.methods.base import METHODS
+from vitdistill.methods.deit import DeiTHard
+from vitdistill.models.factory import create_model, normalization
+
+
+@METHODS.register("deit-hard-smoothed")
+class DeiTHardSmoothed(DeiTHard):
+    """A variant for this study only, not DeiT: the teacher's hard label is smoothed like the true one.
+
+    L = (1 - lambda) * CE_ls(psi(Z_s), y) + lambda * CE_ls(psi(Z_d), y_t), both with smoothing eps,
+    so that the two heads reach logits of similar size before DeiT averages them.
+    """
+    name = "deit-hard-smoothed"
+
+    def forward(self, student, teacher, target):
+        ce = self.ce(student["logits"], target)
+        kd = F.cross_entropy(student["dist_logits"], teacher["logits"].argmax(dim=-1),
+                             label_smoothing=self.label_smoothing)
+        return {"loss": (1 - self.alpha) * ce + self.alpha * kd, "ce": ce.detach(), "kd": kd.detach()}
+
+
+# Config layers per variant: "students" goes to both students, "distilled" to the deit-hard one only.
+VARIANTS: dict[str, dict[str, dict]] = {
+    "base": {},
+    "smoothed": {"distilled": {"method": {"name": "deit-hard-smoothed"}}},
+    "e80": {"students": {"train": {"epochs": 80}}},
+    "e80-smoothed": {"students": {"train": {"epochs": 80}}, "distilled": {"method": {"name": "deit-hard-smoothed"}}},
+    "mix60": {"students": {"train": {"epochs": 60}, "data": {"mix_prob": 0.5}}},
+}
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _key(layer: dict) -> str:
+    return hashlib.sha1(json.dumps(layer, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _train(layer: dict, mode: str, out: Path, threads: int) -> dict:
+    layer = {**layer, "out": str(out)}
+    if not (out / "summary.json").exists():
+        run(build_config([layer, {"train": {"progress": False, "threads": threads}}]), mode)
+    return json.loads((out / "summary.json").read_text())
+
+
+@torch.no_grad()
+def head_figures(run_dir: Path, name: str) -> dict:
+    """Top-1 of each head of a distilled-token student and of their average, on the digits test split."""
+    data = load_data("digits")
+    model, _ = create_model(name, len(data.classes), img_size=data.img_size,
+                            weights=str(run_dir / "student.safetensors"))
+    model.eval()
+    mean, std = (torch.tensor(v)[:, None, None] for v in normalization(model))
+    feats = model.forward_features((data.test.images.float() / 255.0 - mean) / std)
+    cls, dist = model.head(feats[:, 0]), model.head_dist(feats[:, 1])
+    y = data.test.labels
+
+    def top1(logits: torch.Tensor) -> float:
+        return round((logits.argmax(1) == y).float().mean().item() * 100, 2)
+
+    return {"cls_top1": top1(cls), "dist_top1": top1(dist), "avg_top1": top1((cls + dist) / 2),
+            "cls_logit_norm": round(cls.norm(dim=1).mean().item(), 2),
+            "dist_logit_norm": round(dist.norm(dim=1).mean().item(), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="base")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("runs/demo-variants"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    v = VARIANTS[args.variant]
+    for seed in args.seeds:
+        cfgs = {role: (mode, {k: val for k, val in layer.items() if k != "out"})
+                for role, (mode, layer) in demo_configs(Path("."), seed).items()}
+        t_mode, t_layer = cfgs["teacher"]
+        t_dir = args.out / "teachers" / f"{_key(t_layer)}-s{seed}"
+        row = {"variant": args.variant, "seed": seed, "teacher_top1": None}
+        row["teacher_top1"] = round(_train(t_layer, t_mode, t_dir, args.threads)["student_top1"] * 100, 2)
+        for role in ("baseline", "distilled"):
+            mode, layer = cfgs[role]
+            layer = merge(merge(layer, v.get("students", {})), v.get(role, {}))
+            if role == "distilled":
+                layer["model"]["teacher_weights"] = str(t_dir)
+            out = args.out / "students" / f"{role}-{_key(layer)}-s{seed}"
+            row[f"{role}_top1"] = round(_train(layer, mode, out, args.threads)["student_top1"] * 100, 2)
+            if role == "distilled":
+                row.update(head_figures(out, layer["model"]["student"]))
+        row["gain_pts"] = round(row["distilled_top1"] - row["baseline_top1"], 2)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
