@@ -206,3 +206,18 @@ def test_learning_curves_tell_thirty_cells_apart(tmp_path: pathlib.Path) -> None
     png = learning_curves(curves, ([1, 2], [0.6, 0.7]))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "c.png").write_bytes(png)
+
+
+def test_accuracy_plot_has_one_teacher_legend_entry_for_several_teachers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitdistill.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    rows = [{"label": "teacher", "role": "teacher", "top1_mean": 0.77, "latency_ms_b1": 2.7},
+            {"label": "teacher-2", "role": "teacher", "top1_mean": 0.66, "latency_ms_b1": 5.0},
+            {"label": "none", "role": "cell", "top1_mean": 0.60, "latency_ms_b1": 5.0},
+            {"label": "dist", "role": "cell", "top1_mean": 0.63, "latency_ms_b1": 4.7}]
+    plots.accuracy_vs_cost(rows, "latency_ms_b1", "latency (ms)", "t")
+    (fig,) = figures
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels.count("teacher") == 1 and "Pareto front" in labels

@@ -51,11 +51,13 @@ def accuracy_vs_cost(rows: list[dict], cost_key: str, cost_label: str, title: st
     pts = [r for r in rows if r.get(cost_key) and r.get("top1_mean") is not None]
     xs = [float(r[cost_key]) for r in pts]
     ys = [100 * float(r["top1_mean"]) for r in pts]
-    for r, x, y in zip(pts, xs, ys):
+    first_teacher = next((i for i, r in enumerate(pts) if r.get("role") == "teacher"), None)
+    for i, (r, x, y) in enumerate(zip(pts, xs, ys)):
         teacher = r.get("role") == "teacher"
+        # one legend entry however many teachers the grid has (their labels name them on the plot)
         ax.errorbar([x], [y], yerr=[100 * float(r.get("top1_std") or 0)], fmt="*" if teacher else "o",
                     markersize=14 if teacher else 7, capsize=3, color="tab:red" if teacher else "tab:blue",
-                    label="teacher" if teacher else None)
+                    label="teacher" if i == first_teacher else None)
         ax.annotate(str(r["label"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     front = pareto_front(list(zip(xs, ys)))
     if front:
