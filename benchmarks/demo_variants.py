@@ -25,7 +25,7 @@ from vitdistill.config import build_config
 from vitdistill.data import load_data
 from vitdistill.demo import demo_configs
 from vitdistill.engine.run import run
-from vitdistill.methods.base import METHODS
+from vitdistill.methods.base import METHODS, Outputs
 from vitdistill.methods.deit import DeiTHard
 from vitdistill.models.factory import create_model, normalization
 
@@ -39,7 +39,8 @@ class DeiTHardSmoothed(DeiTHard):
     """
     name = "deit-hard-smoothed"
 
-    def forward(self, student, teacher, target):
+    def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor) -> Outputs:
+        assert teacher is not None
         ce = self.ce(student["logits"], target)
         kd = F.cross_entropy(student["dist_logits"], teacher["logits"].argmax(dim=-1),
                              label_smoothing=self.label_smoothing)
@@ -107,8 +108,8 @@ def main() -> None:
                 for role, (mode, layer) in demo_configs(Path("."), seed).items()}
         t_mode, t_layer = cfgs["teacher"]
         t_dir = args.out / "teachers" / f"{_key(t_layer)}-s{seed}"
-        row = {"variant": args.variant, "seed": seed, "teacher_top1": None}
-        row["teacher_top1"] = round(_train(t_layer, t_mode, t_dir, args.threads)["student_top1"] * 100, 2)
+        row = {"variant": args.variant, "seed": seed,
+               "teacher_top1": round(_train(t_layer, t_mode, t_dir, args.threads)["student_top1"] * 100, 2)}
         for role in ("baseline", "distilled"):
             mode, layer = cfgs[role]
             layer = merge(merge(layer, v.get("students", {})), v.get(role, {}))
