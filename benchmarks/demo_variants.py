@@ -13,7 +13,6 @@ rerun reuses the finished ones. The script prints and never asserts.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -27,7 +26,8 @@ from vitdistill.demo import demo_configs
 from vitdistill.engine.run import run
 from vitdistill.methods.base import METHODS, Outputs
 from vitdistill.methods.deit import DeiTHard
-from vitdistill.models.factory import create_model, normalization
+from vitdistill.models.factory import create_model
+from vitdistill.models.wrappers import InputPrep
 
 
 @METHODS.register("deit-hard-smoothed")
@@ -47,7 +47,8 @@ class DeiTHardSmoothed(DeiTHard):
         return {"loss": (1 - self.alpha) * ce + self.alpha * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
-# Config layers per variant: "students" goes to both students, "distilled" to the deit-hard one only.
+# Config layers per variant, merged over the demo's own: "students" goes to both students,
+# "distilled" to the deit-hard one only.
 VARIANTS: dict[str, dict[str, dict]] = {
     "base": {},
     "smoothed": {"distilled": {"method": {"name": "deit-hard-smoothed"}}},
@@ -57,21 +58,14 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
+def _key(layers: list[dict]) -> str:
+    return hashlib.sha1(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _key(layer: dict) -> str:
-    return hashlib.sha1(json.dumps(layer, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _train(layer: dict, mode: str, out: Path, threads: int) -> dict:
-    layer = {**layer, "out": str(out)}
+def _train(layers: list[dict], mode: str, out: Path, threads: int) -> dict:
+    """One run from config layers (build_config merges them), skipped when ``out`` already finished."""
     if not (out / "summary.json").exists():
-        run(build_config([layer, {"train": {"progress": False, "threads": threads}}]), mode)
+        run(build_config([*layers, {"out": str(out), "train": {"progress": False, "threads": threads}}]), mode)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -82,8 +76,7 @@ def head_figures(run_dir: Path, name: str) -> dict:
     model, _ = create_model(name, len(data.classes), img_size=data.img_size,
                             weights=str(run_dir / "student.safetensors"))
     model.eval()
-    mean, std = (torch.tensor(v)[:, None, None] for v in normalization(model))
-    feats = model.forward_features((data.test.images.float() / 255.0 - mean) / std)
+    feats = model.forward_features(InputPrep.for_model(model)(data.test.images))
     cls, dist = model.head(feats[:, 0]), model.head_dist(feats[:, 1])
     y = data.test.labels
 
@@ -107,16 +100,16 @@ def main() -> None:
         cfgs = {role: (mode, {k: val for k, val in layer.items() if k != "out"})
                 for role, (mode, layer) in demo_configs(Path("."), seed).items()}
         t_mode, t_layer = cfgs["teacher"]
-        t_dir = args.out / "teachers" / f"{_key(t_layer)}-s{seed}"
+        t_dir = args.out / "teachers" / f"{_key([t_layer])}-s{seed}"
         row = {"variant": args.variant, "seed": seed,
-               "teacher_top1": round(_train(t_layer, t_mode, t_dir, args.threads)["student_top1"] * 100, 2)}
+               "teacher_top1": round(_train([t_layer], t_mode, t_dir, args.threads)["student_top1"] * 100, 2)}
         for role in ("baseline", "distilled"):
             mode, layer = cfgs[role]
-            layer = merge(merge(layer, v.get("students", {})), v.get(role, {}))
+            layers = [layer, v.get("students", {}), v.get(role, {})]
             if role == "distilled":
-                layer["model"]["teacher_weights"] = str(t_dir)
-            out = args.out / "students" / f"{role}-{_key(layer)}-s{seed}"
-            row[f"{role}_top1"] = round(_train(layer, mode, out, args.threads)["student_top1"] * 100, 2)
+                layers.append({"model": {"teacher_weights": str(t_dir)}})
+            out = args.out / "students" / f"{role}-{_key(layers)}-s{seed}"
+            row[f"{role}_top1"] = round(_train(layers, mode, out, args.threads)["student_top1"] * 100, 2)
             if role == "distilled":
                 row.update(head_figures(out, layer["model"]["student"]))
         row["gain_pts"] = round(row["distilled_top1"] - row["baseline_top1"], 2)
