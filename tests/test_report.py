@@ -221,3 +221,34 @@ def test_accuracy_plot_has_one_teacher_legend_entry_for_several_teachers(monkeyp
     (fig,) = figures
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels.count("teacher") == 1 and "Pareto front" in labels
+
+
+def test_label_rows_keep_the_gap_the_order_and_the_centre() -> None:
+    from vitdistill.report.plots import label_rows
+
+    ys = [100.0, 101.0, 99.5, 150.0, 100.2]
+    rows = label_rows(ys, gap=10.0)
+    by_height = sorted(range(len(ys)), key=lambda i: -ys[i])
+    placed = [rows[i] for i in by_height]
+    assert all(a - b >= 10.0 - 1e-9 for a, b in zip(placed, placed[1:]))  # order kept, gap kept
+    assert sum(rows) == pytest.approx(sum(ys))  # the block is centred on its points
+    assert label_rows([5.0, 50.0], gap=10.0) == [5.0, 50.0]  # far-apart labels stay on their points
+
+
+def test_labels_of_cells_with_one_parameter_count_do_not_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitdistill.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    rows = [{"label": f"method-{i}", "role": "cell", "top1_mean": 0.60 + 0.002 * i, "params": 684_000}
+            for i in range(10)] + [{"label": "minivit", "role": "cell", "top1_mean": 0.69, "params": 379_000}]
+    plots.accuracy_vs_cost(rows, "params", "parameters", "t")
+    (fig,) = figures
+    fig.canvas.draw()
+    from matplotlib.text import Text
+
+    boxes = {t.get_text(): Text.get_window_extent(t) for t in fig.axes[0].texts}  # the text, not its leader line
+    assert set(boxes) == {r["label"] for r in rows}
+    names = sorted(boxes)
+    overlaps = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if boxes[a].overlaps(boxes[b])]
+    assert overlaps == []

@@ -58,7 +58,6 @@ def accuracy_vs_cost(rows: list[dict], cost_key: str, cost_label: str, title: st
         ax.errorbar([x], [y], yerr=[100 * float(r.get("top1_std") or 0)], fmt="*" if teacher else "o",
                     markersize=14 if teacher else 7, capsize=3, color="tab:red" if teacher else "tab:blue",
                     label="teacher" if i == first_teacher else None)
-        ax.annotate(str(r["label"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     front = pareto_front(list(zip(xs, ys)))
     if front:
         fx, fy = [xs[i] for i in front], [ys[i] for i in front]
@@ -75,7 +74,47 @@ def accuracy_vs_cost(rows: list[dict], cost_key: str, cost_label: str, title: st
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
+    _label_points(ax, xs, ys, [str(r["label"]) for r in pts])
     return _png(fig)
+
+
+def label_rows(ys: list[float], gap: float) -> list[float]:
+    """Heights for labels of points at heights ``ys`` (same order), at least ``gap`` apart, the
+    block centred on the points so each label stays as near its own point as the others allow."""
+    order = sorted(range(len(ys)), key=lambda i: -ys[i])
+    placed: list[float] = []
+    for i in order:
+        placed.append(ys[i] if not placed else min(ys[i], placed[-1] - gap))
+    shift = sum(ys[i] - p for i, p in zip(order, placed)) / max(1, len(placed))
+    out = [0.0] * len(ys)
+    for i, p in zip(order, placed):
+        out[i] = p + shift
+    return out
+
+
+def _label_points(ax: object, xs: list[float], ys: list[float], labels: list[str], fontsize: int = 8) -> None:
+    """Label every point; points that sit in one column (the cells of one student share a parameter
+    count) get their labels stacked beside the column with leader lines, so no two labels overlap."""
+    if not xs:
+        return
+    to_px = ax.transData.transform  # type: ignore[attr-defined]
+    px = [tuple(to_px((x, y))) for x, y in zip(xs, ys)]
+    right_edge = ax.get_window_extent().x1  # type: ignore[attr-defined]
+    gap = fontsize * 1.5  # pixels at the figure's 100 dpi: one line of text (11.7 px at 8 pt) and air
+    columns: list[list[int]] = []
+    for i in sorted(range(len(px)), key=lambda i: px[i][0]):
+        if columns and px[i][0] - px[columns[-1][-1]][0] < 3:  # the same cost, to a few pixels
+            columns[-1].append(i)
+        else:
+            columns.append([i])
+    for col in columns:
+        left = right_edge - max(px[i][0] for i in col) < 80  # no room on the right: labels go left
+        tx = (min(px[i][0] for i in col) - 8) if left else (max(px[i][0] for i in col) + 8)
+        for i, ty in zip(col, label_rows([px[i][1] for i in col], gap)):
+            moved = abs(ty - px[i][1]) > 2
+            ax.annotate(labels[i], (xs[i], ys[i]), xytext=(tx, ty), textcoords="figure pixels",  # type: ignore[attr-defined]
+                        fontsize=fontsize, va="center", ha="right" if left else "left",
+                        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if moved else None)
 
 
 def curve_style(i: int) -> dict:
