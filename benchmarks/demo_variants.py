@@ -5,10 +5,11 @@ the no-KD student and the deit-hard student of ``vitdistill.demo.demo_configs`` 
 config layers merged in, then prints one JSON object per seed: both students' top-1, the gain in
 points, and the top-1 of the distilled student's class head, distillation head and their average
 (what DeiT reports) with the mean logit norm of each head. Runs are kept under ``--out`` and a
-rerun reuses the finished ones. The script prints and never asserts.
+rerun reuses the finished ones (run one process per ``--out`` at a time: two variants that leave
+the students alone share a baseline run). The script prints and never asserts.
 
     .venv/bin/python benchmarks/demo_variants.py --variant base --seeds 0 1 2
-    .venv/bin/python benchmarks/demo_variants.py --variant e80 --seeds 0 1 2 --out runs/demo-variants
+    .venv/bin/python benchmarks/demo_variants.py --variant e80 --seeds 3 4 5 --out runs/demo-variants
 """
 from __future__ import annotations
 
@@ -47,14 +48,19 @@ class DeiTHardSmoothed(DeiTHard):
         return {"loss": (1 - self.alpha) * ce + self.alpha * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
-# Config layers per variant, merged over the demo's own: "students" goes to both students,
-# "distilled" to the deit-hard one only.
+# Config layers per variant, merged over the demo's own: "teacher" goes to the teacher, "students" to
+# both students, "distilled" to the deit-hard one only.
 VARIANTS: dict[str, dict[str, dict]] = {
     "base": {},
     "smoothed": {"distilled": {"method": {"name": "deit-hard-smoothed"}}},
     "e80": {"students": {"train": {"epochs": 80}}},
     "e80-smoothed": {"students": {"train": {"epochs": 80}}, "distilled": {"method": {"name": "deit-hard-smoothed"}}},
     "mix60": {"students": {"train": {"epochs": 60}, "data": {"mix_prob": 0.5}}},
+    # Early-stopped teachers (Cho & Hariharan, ICCV 2019, "On the efficacy of knowledge distillation").
+    "t5": {"teacher": {"train": {"epochs": 5}}},
+    "t8": {"teacher": {"train": {"epochs": 8}}},
+    # A calmer student optimisation: half the learning rate, warm-up over 5 of the 40 epochs.
+    "calm": {"students": {"train": {"lr": 1e-3, "warmup_epochs": 5}}},
 }
 
 
@@ -100,9 +106,10 @@ def main() -> None:
         cfgs = {role: (mode, {k: val for k, val in layer.items() if k != "out"})
                 for role, (mode, layer) in demo_configs(Path("."), seed).items()}
         t_mode, t_layer = cfgs["teacher"]
-        t_dir = args.out / "teachers" / f"{_key([t_layer])}-s{seed}"
+        t_layers = [t_layer, v.get("teacher", {})]
+        t_dir = args.out / "teachers" / f"{_key(t_layers)}-s{seed}"
         row = {"variant": args.variant, "seed": seed,
-               "teacher_top1": round(_train([t_layer], t_mode, t_dir, args.threads)["student_top1"] * 100, 2)}
+               "teacher_top1": round(_train(t_layers, t_mode, t_dir, args.threads)["student_top1"] * 100, 2)}
         for role in ("baseline", "distilled"):
             mode, layer = cfgs[role]
             layers = [layer, v.get("students", {}), v.get(role, {})]
