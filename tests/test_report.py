@@ -231,11 +231,17 @@ def test_label_rows_keep_the_gap_the_order_and_the_centre() -> None:
     by_height = sorted(range(len(ys)), key=lambda i: -ys[i])
     placed = [rows[i] for i in by_height]
     assert all(a - b >= 10.0 - 1e-9 for a, b in zip(placed, placed[1:]))  # order kept, gap kept
-    assert sum(rows) == pytest.approx(sum(ys))  # the block is centred on its points
-    assert label_rows([5.0, 50.0], gap=10.0) == [5.0, 50.0]  # far-apart labels stay on their points
+    assert rows[3] == 150.0  # the label with room stays on its point
+    cluster = [0, 1, 2, 4]
+    assert sum(rows[i] for i in cluster) == pytest.approx(sum(ys[i] for i in cluster))  # centred block
+    assert label_rows([5.0, 50.0], gap=10.0) == [5.0, 50.0]
+    # a block pushed into the label above merges with it: 100, 95, 90 with gap 10 -> 105, 95, 85
+    assert label_rows([100.0, 95.0, 90.0], gap=10.0) == pytest.approx([105.0, 95.0, 85.0])
 
 
 def test_labels_of_cells_with_one_parameter_count_do_not_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.text import Text
+
     from vitdistill.report import plots
 
     figures = []
@@ -245,8 +251,6 @@ def test_labels_of_cells_with_one_parameter_count_do_not_overlap(monkeypatch: py
     plots.accuracy_vs_cost(rows, "params", "parameters", "t")
     (fig,) = figures
     fig.canvas.draw()
-    from matplotlib.text import Text
-
     boxes = {t.get_text(): Text.get_window_extent(t) for t in fig.axes[0].texts}  # the text, not its leader line
     assert set(boxes) == {r["label"] for r in rows}
     names = sorted(boxes)

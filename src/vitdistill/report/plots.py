@@ -79,16 +79,27 @@ def accuracy_vs_cost(rows: list[dict], cost_key: str, cost_label: str, title: st
 
 
 def label_rows(ys: list[float], gap: float) -> list[float]:
-    """Heights for labels of points at heights ``ys`` (same order), at least ``gap`` apart, the
-    block centred on the points so each label stays as near its own point as the others allow."""
+    """Heights for labels of points at heights ``ys`` (same order), at least ``gap`` apart and in the
+    points' order. Labels that would collide form a block centred on its points' mean height; a
+    label with room stays on its point."""
     order = sorted(range(len(ys)), key=lambda i: -ys[i])
-    placed: list[float] = []
+    blocks: list[list[float]] = []  # desired heights of each block, highest first
+
+    def top(block: list[float]) -> float:
+        return sum(block) / len(block) + (len(block) - 1) * gap / 2
+
     for i in order:
-        placed.append(ys[i] if not placed else min(ys[i], placed[-1] - gap))
-    shift = sum(ys[i] - p for i, p in zip(order, placed)) / max(1, len(placed))
+        blocks.append([ys[i]])
+        # merge while this block's top would come within a gap of the bottom of the block above
+        while len(blocks) > 1 and top(blocks[-2]) - (len(blocks[-2]) - 1) * gap - top(blocks[-1]) < gap:
+            last = blocks.pop()
+            blocks[-1].extend(last)
     out = [0.0] * len(ys)
-    for i, p in zip(order, placed):
-        out[i] = p + shift
+    k = 0
+    for block in blocks:
+        for j in range(len(block)):
+            out[order[k]] = top(block) - j * gap
+            k += 1
     return out
 
 
