@@ -188,7 +188,7 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
         "teacher": (cfg.model.teacher or getattr(side.source, "header", {}).get("teacher")) if side else None,
         "teacher_cache": cfg.cache.dir if side else None,
         "student_top1": final.get("test_top1"), "student_top5": final.get("test_top5"),
-        "agreement": final.get("test_agreement"),
+        "agreement": final.get("test_agreement"), "test_images": len(data.test.labels),
         "teacher_top1": teacher_acc["top1"] if teacher_acc else None,
         "epochs": cfg.train.epochs, "wall_s": round(wall, 2), "img_size": data.img_size, "timm_spec": spec,
     }
