@@ -178,6 +178,7 @@ def _slug(text: str) -> str:
 
 def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job], list[Job]]:
     """(teacher job, cache jobs, run jobs in order: seed-major, cells in config order)."""
+    from vitdistill.engine.setup import teacher_names
     from vitdistill.methods import METHODS, build_method
     from vitdistill.models import TINY_MODELS
     from vitdistill.models.factory import known_model, resolve_weights_path
@@ -240,8 +241,6 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
             use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
             if use and cls.teacher_outputs == ("logits",) and cfg.model.teacher:
                 # one cache per teacher, shared by every cell of the seed that has the same teacher
-                from vitdistill.engine.setup import teacher_names
-
                 m = cfg.model
                 job_caches = []
                 for name, path in teacher_names(cfg):
