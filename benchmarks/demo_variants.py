@@ -1,4 +1,4 @@
-"""The demo's recipe with one change at a time, over seeds: does deit-hard beat no-KD on digits?
+"""The demo's recipe with one change at a time, over seeds: does deit-hard beat no-KD on the built-in sets?
 
 For each seed it trains the demo's teacher (shared by every variant that leaves the teacher alone),
 the no-KD student and the deit-hard student of ``vitdistill.demo.demo_configs`` with the variant's

@@ -44,7 +44,7 @@ def load_data(
     ``img_size`` resizes every image once at load (default: the source's own size; 16 for the
     embedded ``digits`` and ``mnist5k``).
     ``val_fraction`` is the per-class held-out share for an ImageFolder without ``train/`` and
-    ``test/`` folders. Held-out splits (and the digits split) always use the fixed
+    ``test/`` folders. Held-out splits (and the splits of the built-in sets) always use the fixed
     :data:`SPLIT_SEED`, never the run seed, so the test set never moves between runs and results
     stay comparable across seeds.
     ``cache_dir`` defaults to ``$VITDISTILL_CACHE`` or ``~/.cache/vitdistill``.
