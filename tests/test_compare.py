@@ -362,3 +362,11 @@ def test_shard_argument_errors(tmp_path: Path) -> None:
                      "--dry-run")
     assert r.returncode == 0 and "shard 2/2 takes 3 of them" in r.stdout and "teacher  train" not in r.stdout
     assert r.stdout.count("\nrun ") == 3 and "cache    resnet_micro_cnn, 2 epochs, seed 0" in r.stdout
+
+
+def test_shipped_digits_grid_plans_all_its_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits-grid.yaml"
+    assert main(["compare", "--config", str(config), "--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "run 36/36" in plan and plan.count("via cache") == 30  # five distilling cells, six seeds
+    assert not (tmp_path / "g").exists()  # a dry run writes nothing
