@@ -162,6 +162,19 @@ def test_prepare_student_is_needed_for_two_heads_and_harmless_on_a_plain_vit():
     assert set(student_outputs(vit.train(), x)) == {"logits"}
 
 
+@pytest.mark.parametrize("plain,twin", [("vit_femto_patch4_16", "deit_femto_distilled_patch4_16"),
+                                        ("vit_pico_patch4_32", "deit_pico_distilled_patch4_32")])
+def test_a_distillation_token_twin_sees_the_input_its_plain_vit_sees(plain, twin):
+    # a no-KD vs deit-* comparison must differ by the token alone, not by the input's scaling
+    # (timm's DeiT configs default to ImageNet's mean and std, its ViT configs to 0.5 / 0.5)
+    vit, _ = create_model(plain, 10)
+    deit, spec = create_model(twin, 10)
+    x = images(2, vit.patch_embed.img_size[0])
+    torch.testing.assert_close(InputPrep.for_model(deit)(x), InputPrep.for_model(vit)(x), rtol=0, atol=0)
+    rebuilt = timm.create_model(spec["name"], **json.loads(json.dumps(spec["kwargs"])))
+    assert timm.data.resolve_data_config({}, model=rebuilt)["std"] == [0.5, 0.5, 0.5]  # timm alone knows it too
+
+
 # ---------------------------------------------------------------- Teacher and InputPrep
 
 
