@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitdistill.config import build_config
 from vitdistill.data import load_data
@@ -78,7 +79,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # the distillation-token student as registered before 427cf22: timm DeiT's ImageNet mean and std
     # while the no-KD ViT keeps 0.5 / 0.5 (the comparison of the first six rounds)
     "imagenet-stats": {"distilled": {"model": {"student_kwargs": {"pretrained_cfg_overlay": {
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}}}},
+        "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}}}}},
 }
 
 
