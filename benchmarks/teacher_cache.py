@@ -69,7 +69,7 @@ def bench(kind: str, args: argparse.Namespace) -> dict:
     teacher = Teacher(model)
     fwd = teacher_forward_img_s(teacher, data.train, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        header = cache_header(cfg, data, name, tc.state_hash(model))
+        header = cache_header(cfg, data, name, tc.state_hash(model), teacher.prep.spec)
         start = time.perf_counter()
         info = tc.write_cache(Path(tmp), header, teacher, data.train, augment_for(cfg, data), args.batch,
                               torch.device("cpu"), progress=False)

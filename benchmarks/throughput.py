@@ -177,7 +177,7 @@ def augment_img_s(s: Setup, data: Dataset) -> float:
 
 def write_cache(s: Setup, data: Dataset, teacher: Teacher, cache_dir: Path) -> tuple[tc.CachedTeacher, float]:
     """vitdistill's cache writer over every epoch the benchmark runs (0: warm-up, 1..repeats: measured)."""
-    header = cache_header(s.cfg, data, s.teacher_name, tc.state_hash(teacher.model))
+    header = cache_header(s.cfg, data, s.teacher_name, tc.state_hash(teacher.model), teacher.prep.spec)
     start = time.perf_counter()
     tc.write_cache(cache_dir, header, teacher, on_device(data.train, s.device), augment_for(s.cfg, data),
                    s.cfg.train.eval_batch_size, s.device, progress=False)

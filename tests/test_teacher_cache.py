@@ -75,7 +75,7 @@ def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path
                 self.epoch, self.start = self.epoch + 1, 0
             return out
 
-    header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model))
+    header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model), teacher.prep.spec)
     tc.write_cache(tmp_path / "c", header, Recording(), data.train, augment_for(cfg, data), 40, torch.device("cpu"),
                    progress=False)
     source = tc.CachedTeacher(tmp_path / "c", header, torch.device("cpu"))
@@ -106,8 +106,8 @@ def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path) -> None
     idx = torch.arange(16)
     images = augment_for(cfg, data).images(data.train.images, idx, 1)
     p_live = torch.softmax(teacher(images)["logits"], 1)
-    source = tc.CachedTeacher(tmp_path / "c16", cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model)),
-                              torch.device("cpu"))
+    wanted = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model), teacher.prep.spec)
+    source = tc.CachedTeacher(tmp_path / "c16", wanted, torch.device("cpu"))
     p_cache = torch.softmax(source(images, idx, 1)["logits"], 1)
     top = p_live.topk(3, dim=1).indices
     assert torch.allclose(p_cache.gather(1, top), p_live.gather(1, top), rtol=2e-3, atol=1e-4)
@@ -118,7 +118,7 @@ def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
     cfg = _cfg(teacher_run, epochs=3)
     data = load_run_data(cfg)
     teacher, _ = build_teacher(cfg, data, "test")
-    header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model))
+    header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model), teacher.prep.spec)
     calls = {"n": 0}
 
     def dying(images: torch.Tensor) -> dict:
@@ -153,6 +153,8 @@ def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
     ("mix_prob", {"data": {"mix_prob": 0.5}}),
     ("seed", {"train": {"seed": 5}}),
     ("epochs", {"train": {"epochs": 3}}),
+    # the same weights fed other statistics are another teacher (the DeiT twins' fix of 427cf22)
+    ("teacher_input", {"model": {"teacher_kwargs": {"pretrained_cfg_overlay": {"mean": [0.4] * 3, "std": [0.3] * 3}}}}),
 ])
 def test_header_mismatch_is_named(teacher_run: Path, tmp_path: Path, field: str, change: dict) -> None:
     base = _cfg(teacher_run)
@@ -161,7 +163,7 @@ def test_header_mismatch_is_named(teacher_run: Path, tmp_path: Path, field: str,
     cfg = build_config(layers)
     data = load_run_data(cfg)
     teacher, _ = build_teacher(cfg, data, "test")
-    wanted = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model))
+    wanted = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model), teacher.prep.spec)
     with pytest.raises(UserError, match=field):
         tc.CachedTeacher(tmp_path / "c", wanted, torch.device("cpu"))
 

@@ -41,9 +41,9 @@ from vitdistill.engine import distributed as dist
 from vitdistill.engine import io
 from vitdistill.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header records the teacher's input preparation
 # Fields that must match between a cache and the run that uses it (epochs is checked as >=).
-MATCH_FIELDS = ("format", "teacher", "teacher_hash", "data", "train_limit", "num_samples", "num_classes",
+MATCH_FIELDS = ("format", "teacher", "teacher_hash", "teacher_input", "data", "train_limit", "num_samples", "num_classes",
                 "pad", "hflip", "mix_prob", "cutmix_share", "seed", "seed_digest", "topk", "value_dtype")
 # What a run that replays the cache must share with it; top-k and value type are the cache's own.
 REPLAY_FIELDS = tuple(f for f in MATCH_FIELDS if f not in ("topk", "value_dtype"))
@@ -76,14 +76,15 @@ def seed_digest(run_seed: int, num_samples: int) -> str:
     return h.hexdigest()[:32]
 
 
-def make_header(*, teacher: str, teacher_hash: str, data_fingerprint: str, train_limit: int | None,
+def make_header(*, teacher: str, teacher_hash: str, teacher_input: dict, data_fingerprint: str, train_limit: int | None,
                 num_samples: int, num_classes: int, pad: int, hflip: bool, mix_prob: float, cutmix_share: float,
                 seed: int, epochs: int, topk: int, value_dtype: str) -> dict:
     if value_dtype not in _DTYPES:
         raise UserError(f"cache value dtype must be float16 or float32, not '{value_dtype}'")
     if not 1 <= topk <= num_classes:
         raise UserError(f"cache top-k must lie in 1..{num_classes} (the class count), not {topk}")
-    return {"format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "data": data_fingerprint,
+    return {"format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "teacher_input": teacher_input,
+            "data": data_fingerprint,
             "train_limit": train_limit, "num_samples": num_samples, "num_classes": num_classes, "pad": pad,
             "hflip": hflip, "mix_prob": mix_prob, "cutmix_share": cutmix_share, "seed": seed, "seed_digest": seed_digest(seed, num_samples), "topk": topk,
             "value_dtype": value_dtype, "epochs": epochs}

@@ -79,10 +79,12 @@ def build_teachers(cfg: Config, data: Dataset, why: str) -> tuple[list[Teacher],
     return teachers, specs
 
 
-def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: str) -> dict:
+def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: str, teacher_input: dict) -> dict:
+    """What a teacher cache for this run must have been made for; ``teacher_input`` is the
+    teacher's :class:`InputPrep` spec (mean, std, resolution)."""
     aug = augment_for(cfg, data)
     return tc.make_header(
-        teacher=teacher_name, teacher_hash=teacher_hash, data_fingerprint=data.fingerprint,
+        teacher=teacher_name, teacher_hash=teacher_hash, teacher_input=teacher_input, data_fingerprint=data.fingerprint,
         train_limit=cfg.data.train_limit, num_samples=len(data.train), num_classes=data.num_classes,
         pad=aug.pad, hflip=aug.hflip, mix_prob=aug.mix_prob, cutmix_share=aug.cutmix_share,
         seed=cfg.train.seed, epochs=cfg.train.epochs,
@@ -140,7 +142,8 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
         found = tc.read_header(cache_dir)
         name = named[i][0] if teachers else found["teacher"]
         thash = tc.state_hash(teachers[i].model) if teachers else found["teacher_hash"]
-        caches.append(tc.CachedTeacher(cache_dir, cache_header(cfg, data, name, thash), device))
+        prep = teachers[i].prep.spec if teachers else found.get("teacher_input")
+        caches.append(tc.CachedTeacher(cache_dir, cache_header(cfg, data, name, thash, prep), device))
     source = caches[0] if len(caches) == 1 else tc.CachedTeachers(caches)
     # made for another test subset: no teacher figures rather than wrong ones
     tests = [c.test_logits() for c in caches]
@@ -204,7 +207,7 @@ def _cache_teacher(cfg: Config, cache_dir: str) -> dict:
         teacher.to(device)
         channels_last_teachers(cfg.train, [teacher], device)
         compile_teachers(cfg.train, [teacher])
-        header = cache_header(cfg, data, name, tc.state_hash(teacher.model))
+        header = cache_header(cfg, data, name, tc.state_hash(teacher.model), teacher.prep.spec)
         written.append(tc.write_cache(Path(where), header, teacher, DataSplit(data.train.images.to(device),
                                       data.train.labels), augment_for(cfg, data), cfg.train.eval_batch_size, device,
                                       progress=cfg.train.progress, test=data.test))

@@ -20,6 +20,8 @@ class InputPrep(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
         self.size = size
+        # what a teacher cache records of its teacher: the same weights fed other input are another teacher
+        self.spec = {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "size": size}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
