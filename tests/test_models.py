@@ -7,6 +7,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import timm
 import torch
@@ -173,6 +175,29 @@ def test_a_distillation_token_twin_sees_the_input_its_plain_vit_sees(plain, twin
     torch.testing.assert_close(InputPrep.for_model(deit)(x), InputPrep.for_model(vit)(x), rtol=0, atol=0)
     rebuilt = timm.create_model(spec["name"], **json.loads(json.dumps(spec["kwargs"])))
     assert timm.data.resolve_data_config({}, model=rebuilt)["std"] == [0.5, 0.5, 0.5]  # timm alone knows it too
+
+
+@pytest.mark.parametrize("name,size", [("vit_femto_patch4_16", 16), ("deit_pico_distilled_patch4_32", 32),
+                                       ("resnet_micro_cnn", 16)])
+def test_timm_alone_resolves_the_resolution_the_model_was_built_for(name, size):
+    # timm's configs say 224 px whatever img_size is: its eval transform would resize a 16 px digit to 224
+    _, spec = create_model(name, 10, size)
+    rebuilt = timm.create_model(spec["name"], **json.loads(json.dumps(spec["kwargs"])))
+    cfg = timm.data.resolve_data_config({}, model=rebuilt)
+    assert tuple(cfg["input_size"]) == (3, size, size) and cfg["crop_pct"] == 1.0
+    img = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    x = timm.data.create_transform(**cfg)(img)
+    assert x.shape == (3, size, size)
+    # the plain full image, as vitdistill scores it (a size-preserving resize, no crop)
+    expected = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - torch.tensor(cfg["mean"]).view(3, 1, 1)) \
+        / torch.tensor(cfg["std"]).view(3, 1, 1)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+
+
+def test_a_resolution_the_caller_sets_in_the_overlay_wins():
+    _, spec = create_model("vit_femto_patch4_16", 10, 16, {"pretrained_cfg_overlay": {"crop_pct": 0.5}})
+    assert spec["kwargs"]["pretrained_cfg_overlay"]["crop_pct"] == 0.5
+    assert spec["kwargs"]["pretrained_cfg_overlay"]["input_size"] == (3, 16, 16)
 
 
 # ---------------------------------------------------------------- Teacher and InputPrep

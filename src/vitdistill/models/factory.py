@@ -101,6 +101,8 @@ def create_model(
     kwargs: dict[str, Any] = {"num_classes": num_classes, **spec["kwargs"]}
     if img_size is not None and "img_size" not in (overrides or {}):
         kwargs["img_size"] = img_size
+    if kwargs.get("img_size") is not None:
+        kwargs["pretrained_cfg_overlay"] = _resolution_overlay(kwargs)
     try:
         model = _timm_create(name, spec["name"], pretrained, kwargs)
     except UserError:
@@ -118,6 +120,20 @@ def create_model(
     if weights:
         load_weights(model, weights, name)
     return model, spec
+
+
+def _resolution_overlay(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's ``pretrained_cfg_overlay`` with the resolution it is built for.
+
+    timm's configs say 224 px and crop 0.875-0.9 whatever ``img_size`` the model is built with, so
+    ``timm.data.resolve_data_config`` on a 16 px student rebuilt by timm alone would resize to 224
+    and centre-crop; the overlay makes timm's eval transform the plain full image vitdistill
+    trains and scores on. Keys the caller set in the overlay win.
+    """
+    size = kwargs["img_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    own = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    return {"input_size": (kwargs.get("in_chans", 3), h, w), "crop_pct": 1.0, **own}
 
 
 def _timm_create(name: str, arch: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
