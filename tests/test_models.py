@@ -178,7 +178,7 @@ def test_a_distillation_token_twin_sees_the_input_its_plain_vit_sees(plain, twin
 
 
 @pytest.mark.parametrize("name,size", [("vit_femto_patch4_16", 16), ("deit_pico_distilled_patch4_32", 32),
-                                       ("resnet_micro_cnn", 16)])
+                                       ("resnet_micro_cnn", 16), ("rednet_micro_inv", 16)])
 def test_timm_alone_resolves_the_resolution_the_model_was_built_for(name, size):
     # timm's configs say 224 px whatever img_size is: its eval transform would resize a 16 px digit to 224
     _, spec = create_model(name, 10, size)

@@ -174,8 +174,9 @@ def rednet_micro_inv(pretrained: bool = False, **kwargs) -> RedNetMicro:
     """RedNet-style micro involution network, about 0.3M parameters, for 16-32 px images."""
     if pretrained:
         raise RuntimeError("rednet_micro_inv has no pretrained weights")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}  # e.g. the resolution it is built for
+    for key in ("pretrained_cfg", "cache_dir"):
         kwargs.pop(key, None)
     model = RedNetMicro(**kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg(model.num_classes)
+    model.pretrained_cfg = model.default_cfg = {**_cfg(model.num_classes), **overlay}
     return model
