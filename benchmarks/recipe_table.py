@@ -1,7 +1,8 @@
 """Summarise a CIFAR-10 recipe directory (benchmarks/cifar10_recipe.sh) as JSON and a markdown table.
 
 Reads each run's summary.json and the `/usr/bin/time -v` record beside it (wall time, CPU time,
-peak resident memory). Usage: .venv/bin/python benchmarks/recipe_table.py runs/cifar10
+peak resident memory). Usage: .venv/bin/python benchmarks/recipe_table.py runs/cifar10 [RUN ...]
+(RUN: the run folders to list, default the recipe's four).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def read_time(path: Path) -> dict:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cifar10")
     rows = []
-    for name in RUNS:
+    for name in sys.argv[2:] or RUNS:
         summary_path = root / name / "summary.json"
         if not summary_path.is_file():
             continue
