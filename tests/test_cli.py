@@ -39,7 +39,7 @@ def test_methods_and_models_list() -> None:
 
 
 def test_help_for_every_command() -> None:
-    for cmd in ("train", "distill", "eval", "profile", "demo", "methods", "models"):
+    for cmd in ("train", "distill", "synthesize", "eval", "profile", "demo", "methods", "models"):
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
 
@@ -195,3 +195,16 @@ def test_resume_refuses_other_config(tmp_path: Path) -> None:
     assert run_cli(*args).returncode == 0
     _one_line_error(run_cli(*args), "already holds a run", "--resume")
     _one_line_error(run_cli(*args, "--resume", "--lr", "0.5"), "cannot resume", "train.lr")
+
+
+def test_keys_added_after_a_run_began_do_not_block_its_resume() -> None:
+    from vitdistill.config import build_config
+    from vitdistill.engine.run import _comparable, _first_difference
+
+    now = build_config([]).to_dict()
+    then = {k: v for k, v in now.items() if k != "synth"}  # a run begun before the synth section existed
+    then["train"] = {k: v for k, v in now["train"].items() if k != "teacher_stream"}
+    assert _first_difference(_comparable(now), _comparable(then)) == ""
+    then["train"]["lr"] = 0.5
+    assert _first_difference(_comparable(now), _comparable(then)) == "train.lr: 0.5 then, 0.001 now"
+    assert "synth" not in _comparable(now)  # synthesis knobs never change a training run

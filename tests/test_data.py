@@ -191,7 +191,7 @@ def test_path_errors(tmp_path: Path) -> None:
 
 
 def test_unknown_source_suggests_closest() -> None:
-    assert DATA_SOURCES == ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder")
+    assert DATA_SOURCES == ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "synthetic")
     with pytest.raises(UserError, match=r"unknown data source 'cifar1' \(did you mean 'cifar10'\?\)"):
         load_data("cifar1:/tmp")
     with pytest.raises(UserError, match="takes no path"):

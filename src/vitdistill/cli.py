@@ -1,4 +1,5 @@
-"""The ``vitdistill`` command: train, distill, cache-teacher, compare, eval, profile, demo, methods, models.
+"""The ``vitdistill`` command: train, distill, cache-teacher, synthesize, compare, eval, profile, demo, methods,
+models.
 
 Every training option is also a config key: ``--config FILE`` then the flags then ``--set a.b=v``,
 later layers winning. A user error prints one line and exits with code 2.
@@ -27,6 +28,9 @@ _DISTILL = {
 }
 _CACHE = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "topk": "cache.topk"}
 _TRAIN = {"model": "model.student", "weights": "model.student_weights"}
+_SYNTH = {"data": "data.source", "out": "out", "seed": "train.seed", "device": "train.device",
+          "threads": "train.threads", "teacher": "model.teacher", "teacher_weights": "model.teacher_weights",
+          "images": "synth.images", "iters": "synth.iters", "batch_size": "synth.batch_size", "lr": "synth.lr"}
 
 
 def _nest(key: str, value: object) -> dict:
@@ -55,7 +59,7 @@ def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     p.add_argument("--config", help="YAML config file (every option below is also a key there)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.epochs=3 (repeatable)")
-    p.add_argument("--data", help="digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH")
+    p.add_argument("--data", help="digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH | synthetic:DIR")
     if run_dir:
         p.add_argument("--out", help="run directory (default runs/<mode>-<method>-<model>)")
     p.add_argument("--epochs", type=int)
@@ -111,6 +115,16 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     if not cache_dir:
         raise UserError("cache-teacher needs --cache DIR, the folder to write the teacher cache to")
     print(json.dumps(cache_teacher(cfg, cache_dir)))
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from vitdistill.datafree import synthesize
+
+    cfg = resolve_config(args, _SYNTH)
+    if not cfg.out:
+        raise UserError("synthesize needs --out DIR, the folder to write the synthetic data set to")
+    print(json.dumps(synthesize(cfg, cfg.out)))
     return 0
 
 
@@ -195,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder of the cache (written, or resumed when it exists); several teachers: "
                    "one folder each, comma-separated")
     p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("synthesize", help="data-free: make training images from a teacher (DeepInversion)",
+                       description="Optimise images from noise until the teacher's BatchNorm statistics and "
+                       "decisions match (Yin et al. 2020), and write them as a data set for --data synthetic:DIR. "
+                       "--data names the real set whose classes, size and test split they stand for.")
+    p.add_argument("--config", help="YAML config file (its synth: section holds every knob)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set synth.bn_weight=0.1 (repeatable)")
+    p.add_argument("--data", help="the real data set the images stand for: digits | mnist5k | cifar10:DIR | ...")
+    p.add_argument("--out", help="folder of the synthetic data set (an interrupted run continues there)")
+    p.add_argument("--teacher", help="teacher model name (a CNN with BatchNorm layers)")
+    p.add_argument("--teacher-weights", help="teacher weights (safetensors, torch file or run directory)")
+    p.add_argument("--images", type=int, help="how many images to make (default 2560)")
+    p.add_argument("--iters", type=int, help="optimisation steps per batch (default 300)")
+    p.add_argument("--batch-size", type=int, help="images optimised together (default 256)")
+    p.add_argument("--lr", type=float, help="Adam step size on pixels in [0, 1] (default 0.1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("compare", help="run a grid of methods x students over seeds and write a leaderboard",
                        description="Run every cell (method x student) of the config's 'compare:' section for every "

@@ -19,7 +19,7 @@ from vitdistill.errors import UserError, did_you_mean
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH
+    source: str = "digits"  # digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH | synthetic:DIR
     cache_dir: str | None = None  # decoded uint8 cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
     img_size: int | None = None  # resize once at decode; None keeps the native size
     val_fraction: float = 0.1  # held-out share when the source has no test split
@@ -75,6 +75,23 @@ class CacheConfig:
 
 
 @dataclass
+class SynthConfig:
+    """``vitdistill synthesize``: DeepInversion's knobs (src/vitdistill/datafree.py has the equation)."""
+
+    images: int = 2560  # images to make, the classes in turn
+    batch_size: int = 256  # optimised together; BatchNorm statistics are matched per batch
+    iters: int = 300  # Adam steps per batch (the paper: 2,000 at 224 px)
+    lr: float = 0.1  # Adam on pixels in [0, 1], cosine decay to 0
+    bn_weight: float = 0.05  # alpha_f, on R_feature
+    first_bn_scale: float = 10.0  # the first BatchNorm layer's term counts this many times
+    tv_weight: float = 3e-3  # alpha_tv, on R_tv
+    l2_weight: float = 1e-5  # alpha_l2, on R_l2
+    jitter: int = 2  # random shift (pixels) of the batch at each step
+    grey: bool = False  # one free channel shown as RGB, for grey data sets (digits, mnist5k)
+    init_std: float = 0.2  # the starting noise around mid-grey
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -82,6 +99,7 @@ class Config:
     method: dict = field(default_factory=lambda: {"name": "none"})
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     out: str | None = None
 
     def to_dict(self) -> dict:

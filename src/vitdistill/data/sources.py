@@ -1,4 +1,5 @@
-"""Data sources: ``digits``, ``mnist5k``, ``cifar10:DIR``, ``cifar100:DIR``, ``imagefolder:PATH``.
+"""Data sources: ``digits``, ``mnist5k``, ``cifar10:DIR``, ``cifar100:DIR``, ``imagefolder:PATH``,
+``synthetic:DIR`` (images made by ``vitdistill synthesize``, tested on the real set they stand for).
 
 Each source ends as a :class:`Dataset` of uint8 tensors. Anything that needs decoding is decoded
 once and kept in the disk cache (see :mod:`.cache`); splits that the source does not provide are
@@ -22,8 +23,9 @@ from .imagefolder import (
     ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, Entry, check_sizes, class_entries, decode_split, is_archive,
     list_directory, read_archive, split_layout, stack, strip_common_root,
 )
+from .synthetic import load_synthetic
 
-DATA_SOURCES = ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder")
+DATA_SOURCES = ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "synthetic")
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 SPLIT_SEED = 0
 _DIGITS_SIZE = 16
@@ -66,12 +68,16 @@ def load_data(
         raise UserError(f"data source '{kind}' needs a path: '{kind}:PATH'")
     path = Path(arg.strip()).expanduser()
     if not path.exists():
-        what = "a folder or a .tar/.tar.gz archive in ImageFolder layout" if kind == "imagefolder" else (
-            "a folder holding the CIFAR files (train.tar.gz and test.tar.gz, or torchvision's)")
+        what = {"imagefolder": "a folder or a .tar/.tar.gz archive in ImageFolder layout",
+                "synthetic": "a folder written by `vitdistill synthesize`"}.get(
+            kind, "a folder holding the CIFAR files (train.tar.gz and test.tar.gz, or torchvision's)")
         raise UserError(f"data path '{path}' does not exist; point '{kind}:' at {what}")
     path = path.resolve()
     if kind == "imagefolder":
         return _load_imagefolder(path, cache_dir, img_size, val_fraction)
+    if kind == "synthetic":
+        return load_synthetic(path, img_size, lambda real, size: load_data(real, cache_dir, size, val_fraction),
+                              resize_uint8)
     return _load_cifar(kind, path, cache_dir, img_size)
 
 

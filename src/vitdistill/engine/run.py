@@ -28,7 +28,8 @@ from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
 # Keys that may change between a run and its resume without changing its result.
-_RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("train", "stop_after"), ("out",)}
+_RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("train", "stop_after"), ("out",),
+                ("synth",)}
 
 
 def _comparable(cfg: dict) -> dict:
@@ -40,9 +41,10 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     """The first key where the current config ``a`` and the saved one ``b`` differ ("" if none).
 
     A key of ``a`` missing from ``b`` was added to vitdistill after the run began (the speed keys of
-    ``train``, for one); it cannot have been chosen then, so it does not block the resume."""
+    ``train``, or a whole section such as ``synth``); it cannot have been chosen then, so it does not
+    block the resume."""
     for key in sorted(set(a) | set(b)):
-        if key in a and key not in b and not isinstance(a[key], dict):
+        if key in a and key not in b:
             continue
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             found = _first_difference(a[key], b[key], f"{prefix}{key}.")

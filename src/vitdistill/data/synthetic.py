@@ -1,0 +1,76 @@
+"""The ``synthetic:DIR`` source: images made by ``vitdistill synthesize`` (DeepInversion), scored on
+the test split of the real data set they were made for.
+
+The folder's ``images.safetensors`` holds uint8 images, their labels and, as metadata, the spec of
+the real data set (``test_data``). Training uses the synthetic images only; the test split, the class
+names and the customary augmentation come from the real set, so a data-free student is scored on
+real images exactly like any other student of that set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+from .cache import file_stamp, fingerprint
+from .dataset import DataSplit, Dataset
+
+FORMAT = "vitdistill-synthetic-1"
+IMAGES = "images.safetensors"
+
+
+def read_synthetic(path: Path) -> tuple[dict[str, str], torch.Tensor, torch.Tensor]:
+    """Metadata, uint8 images ``[N, C, H, W]`` and int64 labels of a synthetic folder (or its file)."""
+    file = path / IMAGES if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no {IMAGES} in '{path}'; make one with `vitdistill synthesize --out {path}`")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            # clone: get_tensor maps the file, and the file may be replaced while we train
+            images, labels = f.get_tensor("images").clone(), f.get_tensor("labels").clone()
+    except Exception as e:  # noqa: BLE001 - safetensors reports damage in several exception types
+        raise UserError(f"'{file}' is not a readable synthetic data set ({type(e).__name__}); make it again "
+                        "with `vitdistill synthesize`") from None
+    if (meta.get("format") != FORMAT or images.dtype != torch.uint8 or images.dim() != 4 or labels.dim() != 1
+            or len(images) != len(labels)):
+        raise UserError(f"'{file}' was not written by `vitdistill synthesize` (format {meta.get('format')!r}); "
+                        "make it again")
+    return meta, images, labels.to(torch.int64)
+
+
+def load_synthetic(
+    path: Path,
+    img_size: int | None,
+    load_real: Callable[[str, int | None], Dataset],
+    resize: Callable[[torch.Tensor, int], torch.Tensor],
+) -> Dataset:
+    """The synthetic training split beside the real test split named in its metadata.
+
+    ``img_size`` resizes both (default: the size the images were made at); ``load_real(spec,
+    img_size)`` loads the real data set.
+    """
+    meta, images, labels = read_synthetic(path)
+    spec = meta.get("test_data", "")
+    if spec.partition(":")[0].strip().lower() in ("", "synthetic"):
+        raise UserError(f"'{path}' names no real data set to test on (test_data={spec!r}); make it again "
+                        "with `vitdistill synthesize --data SOURCE`")
+    made_at = int(meta["img_size"]) if meta.get("img_size") else None
+    real = load_real(spec, img_size if img_size is not None else made_at)
+    side = real.img_size
+    if images.shape[2] != side:
+        images = resize(images, side)
+    if images.shape[1] != real.in_chans or labels.max() >= real.num_classes or labels.min() < 0:
+        raise UserError(f"'{path}' holds {images.shape[1]}-channel images of {int(labels.max()) + 1} classes but "
+                        f"'{spec}' has {real.in_chans} channels and {real.num_classes} classes; make it again "
+                        "for this data set")
+    file = path / IMAGES if path.is_dir() else path
+    fp = fingerprint({"kind": "synthetic", "path": str(file), "inputs": file_stamp(file),
+                      "settings": meta.get("settings"), "test": real.fingerprint, "img_size": side})
+    return Dataset(name=f"synthetic-{real.name}", classes=real.classes,
+                   train=DataSplit(images.contiguous(), labels), test=real.test, fingerprint=fp,
+                   pad=int(meta.get("pad", real.pad)), hflip=meta.get("hflip", str(real.hflip).lower()) == "true")
+

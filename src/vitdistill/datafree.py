@@ -1,0 +1,251 @@
+"""Data-free distillation: DeepInversion (Yin et al., CVPR 2020, "Dreaming to Distill: Data-free
+Knowledge Transfer via DeepInversion", arXiv:1912.08795).
+
+When the training images cannot be shared, the teacher still holds what they looked like: the
+running mean and variance of every BatchNorm layer. DeepInversion starts from noise and optimises a
+batch of images x_hat for chosen classes y until the teacher classifies them as y *and* the
+statistics of the batch at every BatchNorm input match the stored ones (paper eq. 2 to 5):
+
+    min_x_hat  CE(T(x_hat), y) + alpha_tv * R_tv(x_hat) + alpha_l2 * R_l2(x_hat) + alpha_f * R_feature(x_hat)
+
+    R_feature(x_hat) = sum_l  || mu_l(x_hat) - E[mu_l | X] ||_2 + || sigma2_l(x_hat) - E[sigma2_l | X] ||_2
+
+with mu_l, sigma2_l the per-channel mean and (biased) variance of the batch at BatchNorm layer l's
+input, E[. | X] that layer's running_mean and running_var, R_tv the mean squared difference of
+horizontally and vertically neighbouring pixels, and R_l2 the mean over images of ||x_hat_i||_2, all
+on the teacher's normalised input. Each step sees the batch randomly shifted by up to ``jitter``
+pixels (and mirrored, where the data allows flips), as the paper does. The authors' code weights
+the first BatchNorm layer more (``first_bn_scale``); Adaptive DeepInversion's competition term
+with the student is not implemented.
+
+The images are written as a data set (``images.safetensors`` in the output folder) that
+``--data synthetic:DIR`` trains any student on with any method; its test split is the named real
+data set's, so the student is scored on real images it never saw in any form. Synthesis reads the
+real data set's class names, image size and channel count and its *test* split (to report how the
+teacher scores there); it never reads a training image. This file follows the two rules of the
+design: it is not a method and the training loop never sees it; it only makes data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm import tqdm
+
+from vitdistill.config import Config, SynthConfig
+from vitdistill.data.synthetic import FORMAT, IMAGES
+from vitdistill.engine import io
+from vitdistill.engine.runtime import pick_device, set_threads
+from vitdistill.errors import UserError
+from vitdistill.models.wrappers import Teacher
+
+
+
+class BatchNormStatistics:
+    """Forward hooks that record, at every BatchNorm2d input, the distance of the batch's channel
+    mean and biased variance from the layer's running statistics (one term of R_feature each)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        self.terms: list[torch.Tensor] = []
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: torch.nn.BatchNorm2d, inputs: tuple, _output: torch.Tensor) -> None:
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
+                          + torch.linalg.vector_norm(var - module.running_var))
+
+    def pop(self) -> list[torch.Tensor]:
+        terms, self.terms = self.terms, []
+        return terms
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """R_tv: mean squared difference of horizontal plus vertical neighbours."""
+    return (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean() + (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
+
+
+def deepinversion_loss(logits: torch.Tensor, target: torch.Tensor, teacher_input: torch.Tensor,
+                       bn_terms: list[torch.Tensor], s: SynthConfig) -> dict[str, torch.Tensor]:
+    """The objective of the module docstring, with its parts named for the log."""
+    if not bn_terms:
+        raise ValueError("no BatchNorm statistics were recorded")
+    ce = F.cross_entropy(logits, target)
+    tv = total_variation(teacher_input)
+    l2 = torch.linalg.vector_norm(teacher_input.flatten(1), dim=1).mean()
+    feature = s.first_bn_scale * bn_terms[0] + sum(bn_terms[1:], torch.zeros(()))
+    loss = ce + s.tv_weight * tv + s.l2_weight * l2 + s.bn_weight * feature
+    return {"loss": loss, "ce": ce.detach(), "tv": tv.detach(), "l2": l2.detach(), "feature": feature.detach()}
+
+
+def _jitter(x: torch.Tensor, s: SynthConfig, hflip: bool, g: torch.Generator) -> torch.Tensor:
+    dx, dy = (torch.randint(-s.jitter, s.jitter + 1, (2,), generator=g).tolist() if s.jitter else (0, 0))
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if hflip and bool(torch.randint(0, 2, (1,), generator=g)):
+        x = x.flip(3)
+    return x
+
+
+def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch.Tensor, size: int, chans: int,
+                     s: SynthConfig, hflip: bool, seed: int, device: torch.device,
+                     bar: tqdm | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Optimise one batch of images for ``labels``; returns them as uint8 ``[B, chans, size, size]``
+    and the last step's loss parts."""
+    g = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+    # grey images are one free channel shown to the teacher as RGB, as the grey data sets are stored
+    free = 1 if s.grey else chans
+    x = (0.5 + s.init_std * torch.randn(n, free, size, size, generator=g)).clamp_(0, 1).to(device)
+    x.requires_grad_(True)
+    labels = labels.to(device)
+    opt = torch.optim.Adam([x], lr=s.lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.iters)
+    parts: dict[str, torch.Tensor] = {}
+    for _ in range(s.iters):
+        view = _jitter(x, s, hflip, g).expand(-1, chans, -1, -1)
+        teacher_input = teacher.prep(view * 255.0)
+        stats.pop()
+        logits = teacher.model(teacher_input)
+        logits = sum(logits) / len(logits) if isinstance(logits, (tuple, list)) else logits
+        parts = deepinversion_loss(logits, labels, teacher_input, stats.pop(), s)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(ce=f"{parts['ce']:.3f}", feature=f"{parts['feature']:.3f}", refresh=False)
+    images = (x.detach() * 255.0).round_().to(torch.uint8).expand(-1, chans, -1, -1).contiguous().cpu()
+    return images, {k: round(float(v.detach()), 5) for k, v in parts.items()}
+
+
+def settings_hash(cfg: Config, teacher_hash: str) -> str:
+    """What a batch file was made with: a part made under other settings is never mixed in."""
+    blob = json.dumps({"synth": {k: v for k, v in asdict(cfg.synth).items() if k != "images"},
+                       "data": cfg.data.source, "img_size": cfg.data.img_size, "teacher": cfg.model.teacher,
+                       "teacher_hash": teacher_hash, "seed": cfg.train.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_part(path: Path, expect: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("settings") != expect:
+                return None
+            return f.get_tensor("images").clone(), f.get_tensor("labels").clone()
+    except Exception:  # noqa: BLE001 - an unreadable part is made again
+        return None
+
+
+def _check_settings(s: SynthConfig, num_classes: int, chans: int) -> None:
+    if s.images < num_classes:
+        raise UserError(f"synth.images is {s.images}; make at least one image per class ({num_classes})")
+    if s.batch_size < 2 or s.iters < 1:
+        raise UserError("synth.batch_size must be at least 2 (batch statistics) and synth.iters at least 1")
+    if s.jitter < 0 or s.lr <= 0 or min(s.bn_weight, s.tv_weight, s.l2_weight, s.first_bn_scale, s.init_std) < 0:
+        raise UserError("synth.jitter, lr and the loss weights must be non-negative (lr positive)")
+    if s.grey and chans not in (1, 3):
+        raise UserError(f"synth.grey needs a data set of 1 or 3 channels, this one has {chans}")
+
+
+def synthesize(cfg: Config, out: str | Path) -> dict:
+    """Make ``cfg.synth.images`` DeepInversion images from the configured teacher into folder ``out``.
+
+    Each finished batch is kept under ``out/parts`` (written atomically), so an interrupted run
+    called again with the same settings continues where it stopped.
+    """
+    from vitdistill.engine.setup import build_teacher, load_run_data
+    from vitdistill.teacher_cache import state_hash
+
+    out = Path(out)
+    if (out / IMAGES).exists():
+        raise UserError(f"'{out}' already holds a synthetic data set; remove it or pass --out to a new folder")
+    set_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    s = cfg.synth
+    data = load_run_data(cfg)  # classes, size, channels and the test split; the training split is unused
+    _check_settings(s, data.num_classes, data.in_chans)
+    teacher, spec = build_teacher(cfg, data, "synthesize")
+    stats = BatchNormStatistics(teacher.model)
+    if not stats.layers:
+        raise UserError(f"teacher '{cfg.model.teacher}' has no BatchNorm2d layer, and DeepInversion matches their "
+                        "statistics; use a CNN teacher with batch norm (e.g. resnet_micro_cnn or any timm ResNet)")
+    teacher.to(device)
+    hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
+    settings = settings_hash(cfg, state_hash(teacher.model))
+    labels = torch.arange(s.images) % data.num_classes  # every batch holds every class about equally
+    batches = labels.split(s.batch_size)
+    start = time.perf_counter()
+    images, last = [], {}
+    bar = tqdm(total=len(batches) * s.iters, desc="synthesize", unit="step", disable=not cfg.train.progress,
+               dynamic_ncols=True)
+    for b, y in enumerate(batches):
+        part = out / "parts" / f"batch-{b:05d}.safetensors"
+        got = _read_part(part, settings) if part.is_file() else None
+        if got is None or not torch.equal(got[1], y):
+            img, last = synthesize_batch(teacher, stats, y, data.img_size, data.in_chans, s, hflip,
+                                         seed=cfg.train.seed * 1_000_003 + b, device=device, bar=bar)
+            io.write_safetensors(part, {"images": img, "labels": y}, {"settings": settings})
+            got = (img, y)
+        else:
+            bar.update(s.iters)
+        images.append(got[0])
+    bar.close()
+    stats.remove()
+    x, y = torch.cat(images), labels
+    agree = _teacher_top1(teacher, x, y, device)
+    real = _teacher_top1(teacher, data.test.images, data.test.labels, device)
+    meta = {"format": FORMAT, "test_data": cfg.data.source, "img_size": str(cfg.data.img_size or ""),
+            "classes": json.dumps(data.classes), "teacher": cfg.model.teacher or "", "settings": settings,
+            "pad": str(data.pad), "hflip": "true" if hflip else "false"}
+    summary = {"images": int(len(y)), "classes": data.num_classes, "img_size": data.img_size,
+               "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": cfg.data.source,
+               "teacher_top1_on_synthetic": round(agree, 4), "teacher_top1_on_real_test": round(real, 4),
+               "last_batch_loss": last, "wall_s": round(time.perf_counter() - start, 1),
+               "settings": asdict(s), "seed": cfg.train.seed}
+    io.write_text(out / "config.yaml", cfg.to_yaml())
+    io.write_json(out / "synth.json", summary)
+    _preview(out / "preview.png", x, y, data.classes)
+    io.write_safetensors(out / IMAGES, {"images": x, "labels": y}, meta)  # last: its presence means done
+    return summary
+
+
+@torch.no_grad()
+def _teacher_top1(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    right = sum(int((teacher(chunk.to(device))["logits"].argmax(1).cpu() == lab).sum())
+                for chunk, lab in zip(images.split(256), labels.split(256)))
+    return right / max(1, len(labels))
+
+
+def _preview(path: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_class: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = classes[:20]
+    fig, axes = plt.subplots(len(shown), per_class, figsize=(per_class * 0.9, len(shown) * 0.9), squeeze=False)
+    for c, row in enumerate(axes):
+        idx = (labels == c).nonzero().flatten()[:per_class]
+        for j, ax in enumerate(row):
+            ax.axis("off")
+            if j < len(idx):
+                ax.imshow(images[idx[j]].permute(1, 2, 0).numpy(), interpolation="nearest")
+        row[0].set_title(shown[c], fontsize=7, loc="left")
+    fig.tight_layout()
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
