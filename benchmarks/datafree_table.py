@@ -1,6 +1,6 @@
-"""Summarise benchmarks/datafree_digits.sh as JSON: the synthesis, then each student kind over seeds.
+"""Summarise benchmarks/datafree.sh as JSON: the synthesis, then each student kind over seeds.
 
-Usage: .venv/bin/python benchmarks/datafree_table.py runs/datafree-digits
+Usage: .venv/bin/python benchmarks/datafree_table.py runs/datafree-digits (or runs/datafree-cifar10)
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from recipe_table import read_time
 
-KINDS = {"real-none": "no-KD, real digits", "real-kd": "logit-kd, real digits",
-         "synth-none": "labels only, synthetic digits", "synth-kd": "logit-kd, synthetic digits (data-free)"}
+KINDS = {"real-none": "no-KD, real images", "real-kd": "logit-kd, real images",
+         "synth-none": "labels only, synthetic images", "synth-kd": "logit-kd, synthetic images (data-free)"}
 
 
 def main() -> None:

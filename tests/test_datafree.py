@@ -128,7 +128,7 @@ def test_cli_synthesize_then_distill_on_real_test_digits(digits_teacher: Path, t
     assert load_data(f"synthetic:{synth}", img_size=24).train.images.shape[-1] == 24
 
     run = tmp_path / "student"
-    r = run_cli("distill", "--data", f"synthetic:{synth}", "--teacher", "resnet_micro_cnn", "--teacher-weights",
+    r = run_cli_fast("distill", "--data", f"synthetic:{synth}", "--teacher", "resnet_micro_cnn", "--teacher-weights",
                 str(digits_teacher), "--student", "vit_femto_patch4_16", "--method", "logit-kd", "--epochs", "1",
                 "--batch-size", "20", "--threads", "1", "--no-progress", "--out", str(run))
     assert r.returncode == 0, r.stderr
@@ -188,3 +188,5 @@ def test_bad_inputs_end_in_one_line(digits_teacher: Path, tmp_path: Path) -> Non
     made = tmp_path / "made"
     assert run_cli_fast(*base, "--out", str(made), "--iters", "1").returncode == 0
     fails(*base, "--out", str(made), says="already holds a synthetic data set")
+    fails(*base, "--out", str(tmp_path / "again"), "--data", f"synthetic:{made}", says="not a synthetic one")
+    fails(*base, "--out", str(made / "images.safetensors"), says="is a file")
