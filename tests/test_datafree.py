@@ -111,6 +111,23 @@ def test_synthesis_makes_images_the_teacher_recognises(digits_teacher: Path) -> 
     assert last["feature"] < float(noise_feature["feature"]) / 2
 
 
+def test_base_size_optimises_a_smooth_image(digits_teacher: Path) -> None:
+    """``synth.base_size`` optimises fewer pixels and upsamples them: far smoother images."""
+    model, _ = create_model("resnet_micro_cnn", 10, 16, None, False, str(digits_teacher))
+    teacher = Teacher(model)
+    stats = BatchNormStatistics(teacher.model)
+    y = torch.arange(20) % 10
+
+    def roughness(base: int | None) -> float:
+        s = SynthConfig(iters=10, grey=True, base_size=base)
+        images, _ = synthesize_batch(teacher, stats, y, 16, 3, s, hflip=False, seed=0, device=torch.device("cpu"))
+        assert images.shape == (20, 3, 16, 16)
+        x = images.float()
+        return float((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean())
+
+    assert roughness(4) < roughness(None) / 2
+
+
 def test_cli_synthesize_then_distill_on_real_test_digits(digits_teacher: Path, tmp_path: Path) -> None:
     synth = tmp_path / "synth"
     r = run_cli("synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights",
@@ -173,6 +190,7 @@ def test_bad_inputs_end_in_one_line(digits_teacher: Path, tmp_path: Path) -> Non
           *SMALL, says="no BatchNorm2d layer")
     assert not (tmp_path / "vit").exists() and not (tmp_path / "few").exists()
     fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.bn_wieght=1", says="did you mean 'bn_weight'")
+    fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.base_size=17", says="synth.base_size must lie")
 
     fails("train", "--data", f"synthetic:{tmp_path / 'nothing'}", "--model", "vit_femto_patch4_16",
           "--out", str(tmp_path / "r"), says="does not exist")

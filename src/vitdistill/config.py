@@ -88,6 +88,7 @@ class SynthConfig:
     l2_weight: float = 1e-5  # alpha_l2, on R_l2
     jitter: int = 2  # random shift (pixels) of the batch at each step
     grey: bool = False  # one free channel shown as RGB, for grey data sets (digits, mnist5k)
+    base_size: int | None = None  # optimise pixels at this side and upsample bilinearly (smooth images)
     init_std: float = 0.2  # the starting noise around mid-grey
 
 

@@ -90,6 +90,13 @@ def deepinversion_loss(logits: torch.Tensor, target: torch.Tensor, teacher_input
     return {"loss": loss, "ce": ce.detach(), "tv": tv.detach(), "l2": l2.detach(), "feature": feature.detach()}
 
 
+def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    # pixels optimised at synth.base_size stand for a smooth image: bilinear, as the data layer resizes
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def _jitter(x: torch.Tensor, s: SynthConfig, hflip: bool, g: torch.Generator) -> torch.Tensor:
     dx, dy = (torch.randint(-s.jitter, s.jitter + 1, (2,), generator=g).tolist() if s.jitter else (0, 0))
     x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
@@ -107,14 +114,15 @@ def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch
     n = labels.shape[0]
     # grey images are one free channel shown to the teacher as RGB, as the grey data sets are stored
     free = 1 if s.grey else chans
-    x = (0.5 + s.init_std * torch.randn(n, free, size, size, generator=g)).clamp_(0, 1).to(device)
+    base = s.base_size or size
+    x = (0.5 + s.init_std * torch.randn(n, free, base, base, generator=g)).clamp_(0, 1).to(device)
     x.requires_grad_(True)
     labels = labels.to(device)
     opt = torch.optim.Adam([x], lr=s.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.iters)
     parts: dict[str, torch.Tensor] = {}
     for _ in range(s.iters):
-        view = _jitter(x, s, hflip, g).expand(-1, chans, -1, -1)
+        view = _jitter(_upsample(x, size), s, hflip, g).expand(-1, chans, -1, -1)
         teacher_input = teacher.prep(view * 255.0)
         stats.pop()
         logits = teacher.model(teacher_input)
@@ -129,7 +137,8 @@ def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch
         if bar is not None:
             bar.update(1)
             bar.set_postfix(ce=f"{parts['ce']:.3f}", feature=f"{parts['feature']:.3f}", refresh=False)
-    images = (x.detach() * 255.0).round_().to(torch.uint8).expand(-1, chans, -1, -1).contiguous().cpu()
+    images = (_upsample(x.detach(), size) * 255.0).round_().to(torch.uint8).expand(-1, chans, -1, -1)
+    images = images.contiguous().cpu()
     return images, {k: round(float(v.detach()), 5) for k, v in parts.items()}
 
 
@@ -151,13 +160,15 @@ def _read_part(path: Path, expect: str) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
 
 
-def _check_settings(s: SynthConfig, num_classes: int, chans: int) -> None:
+def _check_settings(s: SynthConfig, num_classes: int, chans: int, size: int) -> None:
     if s.images < num_classes:
         raise UserError(f"synth.images is {s.images}; make at least one image per class ({num_classes})")
     if s.batch_size < 2 or s.iters < 1:
         raise UserError("synth.batch_size must be at least 2 (batch statistics) and synth.iters at least 1")
     if s.jitter < 0 or s.lr <= 0 or min(s.bn_weight, s.tv_weight, s.l2_weight, s.first_bn_scale, s.init_std) < 0:
         raise UserError("synth.jitter, lr and the loss weights must be non-negative (lr positive)")
+    if s.base_size is not None and not 1 <= s.base_size <= size:
+        raise UserError(f"synth.base_size must lie between 1 and the image size ({size}), got {s.base_size}")
     if s.grey and chans not in (1, 3):
         raise UserError(f"synth.grey needs a data set of 1 or 3 channels, this one has {chans}")
 
@@ -183,7 +194,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     device = pick_device(cfg.train.device)
     s = cfg.synth
     data = load_run_data(cfg)  # classes, size, channels and the test split; the training split is unused
-    _check_settings(s, data.num_classes, data.in_chans)
+    _check_settings(s, data.num_classes, data.in_chans, data.img_size)
     teacher, spec = build_teacher(cfg, data, "synthesize")
     stats = BatchNormStatistics(teacher.model)
     if not stats.layers:
