@@ -11,12 +11,14 @@
 #   DATA=cifar10: the recipe's teacher (runs/cifar10/teacher; benchmarks/cifar10_recipe.sh trains
 #     it), vit_pico_patch4_32 students for 30 epochs, the real runs on IMAGES=1280 training images
 #     (a fixed subset of that size, as many as were synthesised); OUT runs/datafree-cifar10, seed 0.
-#   ITERS (default 300) is the optimisation steps per synthetic batch.
+#   ITERS (default 300) is the optimisation steps per synthetic batch; SYNTH_SETS="k=v ..." adds
+#   synthesis overrides, e.g. SYNTH_SETS="synth.base_size=8".
 # Then: .venv/bin/python benchmarks/datafree_table.py OUT   (JSON summary)
 set -euo pipefail
 DATA=${DATA:-digits}
 VD=${VD:-.venv/bin/vitdistill}
 ITERS=${ITERS:-300}
+EXTRA=(); for kv in ${SYNTH_SETS:-}; do EXTRA+=(--set "$kv"); done
 case $DATA in
   digits)
     OUT=${1:-runs/datafree-digits}; IMAGES=${IMAGES:-1440}; DEFAULT_SEEDS="0 1 2"
@@ -46,7 +48,7 @@ if [ "$DATA" = digits ]; then
 fi
 if [ ! -f "$OUT/synthetic/images.safetensors" ]; then
   /usr/bin/time -v -o "$OUT/synthetic.time" $VD synthesize "${SRC[@]}" --teacher resnet_micro_cnn \
-    --teacher-weights "$T" --images "$IMAGES" --iters "$ITERS" "${SYNTH_ARGS[@]}" --seed 0 --threads 1 \
+    --teacher-weights "$T" --images "$IMAGES" --iters "$ITERS" "${SYNTH_ARGS[@]}" "${EXTRA[@]}" --seed 0 --threads 1 \
     --no-progress --out "$OUT/synthetic" > "$OUT/synthetic.log" 2>&1
 fi
 TEACH=(--teacher resnet_micro_cnn --teacher-weights "$T")
