@@ -208,3 +208,5 @@ def test_bad_inputs_end_in_one_line(digits_teacher: Path, tmp_path: Path) -> Non
     fails(*base, "--out", str(made), says="already holds a synthetic data set")
     fails(*base, "--out", str(tmp_path / "again"), "--data", f"synthetic:{made}", says="not a synthetic one")
     fails(*base, "--out", str(made / "images.safetensors"), says="is a file")
+    fails(*base, "--out", str(tmp_path / "two"), "--teacher", "resnet_micro_cnn,rednet_micro_inv",
+          says="inverts one teacher")

@@ -190,6 +190,8 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
                         "and test split), not a synthetic one; e.g. --data digits or --data cifar10:DIR")
     if (out / IMAGES).exists():
         raise UserError(f"'{out}' already holds a synthetic data set; remove it or pass --out to a new folder")
+    if "," in (cfg.model.teacher or ""):
+        raise UserError("synthesize inverts one teacher; give a single --teacher (and its --teacher-weights)")
     set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     s = cfg.synth
@@ -227,7 +229,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     real = _teacher_top1(teacher, data.test.images, data.test.labels, device)
     meta = {"format": FORMAT, "test_data": cfg.data.source, "img_size": str(cfg.data.img_size or ""),
             "classes": json.dumps(data.classes), "teacher": cfg.model.teacher or "", "settings": settings,
-            "pad": str(data.pad), "hflip": "true" if hflip else "false"}
+            "pad": str(data.pad if cfg.data.pad is None else cfg.data.pad), "hflip": "true" if hflip else "false"}
     summary = {"images": int(len(y)), "classes": data.num_classes, "img_size": data.img_size,
                "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": cfg.data.source,
                "teacher_top1_on_synthetic": round(agree, 4), "teacher_top1_on_real_test": round(real, 4),
