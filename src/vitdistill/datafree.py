@@ -39,12 +39,13 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from vitdistill.config import Config, SynthConfig
+from vitdistill.data import DataSplit
 from vitdistill.data.synthetic import FORMAT, IMAGES
 from vitdistill.engine import io
+from vitdistill.engine.evaluate import accuracy, predict
 from vitdistill.engine.runtime import pick_device, set_threads
 from vitdistill.errors import UserError
 from vitdistill.models.wrappers import Teacher
-
 
 
 class BatchNormStatistics:
@@ -125,8 +126,7 @@ def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch
         view = _jitter(_upsample(x, size), s, hflip, g).expand(-1, chans, -1, -1)
         teacher_input = teacher.prep(view * 255.0)
         stats.pop()
-        logits = teacher.model(teacher_input)
-        logits = sum(logits) / len(logits) if isinstance(logits, (tuple, list)) else logits
+        logits = teacher._logits(teacher.model(teacher_input))  # the Teacher's own head rule, with gradients
         parts = deepinversion_loss(logits, labels, teacher_input, stats.pop(), s)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
@@ -179,7 +179,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     Each finished batch is kept under ``out/parts`` (written atomically), so an interrupted run
     called again with the same settings continues where it stopped.
     """
-    from vitdistill.engine.setup import build_teacher, load_run_data
+    from vitdistill.engine.setup import augment_for, build_teacher, load_run_data
     from vitdistill.teacher_cache import state_hash
 
     out = Path(out)
@@ -203,7 +203,8 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
         raise UserError(f"teacher '{cfg.model.teacher}' has no BatchNorm2d layer, and DeepInversion matches their "
                         "statistics; use a CNN teacher with batch norm (e.g. resnet_micro_cnn or any timm ResNet)")
     teacher.to(device)
-    hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
+    aug = augment_for(cfg, data)  # the pad and flips the config resolves to, as a training run would
+    hflip = aug.hflip
     settings = settings_hash(cfg, state_hash(teacher.model))
     labels = torch.arange(s.images) % data.num_classes  # every batch holds every class about equally
     batches = labels.split(s.batch_size)
@@ -225,11 +226,11 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     bar.close()
     stats.remove()
     x, y = torch.cat(images), labels
-    agree = _teacher_top1(teacher, x, y, device)
-    real = _teacher_top1(teacher, data.test.images, data.test.labels, device)
+    agree, real = (accuracy(predict(lambda im: teacher(im)["logits"], split, cfg.train.eval_batch_size, device),
+                            split.labels)["top1"] for split in (DataSplit(x, y), data.test))
     meta = {"format": FORMAT, "test_data": cfg.data.source, "img_size": str(cfg.data.img_size or ""),
             "classes": json.dumps(data.classes), "teacher": cfg.model.teacher or "", "settings": settings,
-            "pad": str(data.pad if cfg.data.pad is None else cfg.data.pad), "hflip": "true" if hflip else "false"}
+            "pad": str(aug.pad), "hflip": "true" if hflip else "false"}
     summary = {"images": int(len(y)), "classes": data.num_classes, "img_size": data.img_size,
                "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": cfg.data.source,
                "teacher_top1_on_synthetic": round(agree, 4), "teacher_top1_on_real_test": round(real, 4),
@@ -240,13 +241,6 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     _preview(out / "preview.png", x, y, data.classes)
     io.write_safetensors(out / IMAGES, {"images": x, "labels": y}, meta)  # last: its presence means done
     return summary
-
-
-@torch.no_grad()
-def _teacher_top1(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
-    right = sum(int((teacher(chunk.to(device))["logits"].argmax(1).cpu() == lab).sum())
-                for chunk, lab in zip(images.split(256), labels.split(256)))
-    return right / max(1, len(labels))
 
 
 def _preview(path: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_class: int = 8) -> None:
