@@ -22,8 +22,9 @@ The images are written as a data set (``images.safetensors`` in the output folde
 ``--data synthetic:DIR`` trains any student on with any method; its test split is the named real
 data set's, so the student is scored on real images it never saw in any form. Synthesis reads the
 real data set's class names, image size and channel count and its *test* split (to report how the
-teacher scores there); it never reads a training image. This file follows the two rules of the
-design: it is not a method and the training loop never sees it; it only makes data.
+teacher scores there); it uses no training image (the loader decodes them; nothing here reads
+them). This file follows the two rules of the design: it is not a method and the training loop
+never sees it; it only makes data.
 """
 from __future__ import annotations
 
