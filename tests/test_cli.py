@@ -208,3 +208,17 @@ def test_keys_added_after_a_run_began_do_not_block_its_resume() -> None:
     then["train"]["lr"] = 0.5
     assert _first_difference(_comparable(now), _comparable(then)) == "train.lr: 0.5 then, 0.001 now"
     assert "synth" not in _comparable(now)  # synthesis knobs never change a training run
+
+
+def test_a_method_knob_left_at_its_default_then_set_on_resume_blocks_it() -> None:
+    from vitdistill.config import build_config
+    from vitdistill.engine.run import _comparable, _first_difference
+
+    then = build_config([{"method": {"name": "dkd"}}]).to_dict()  # saved: no knob given
+    same = build_config([{"method": {"name": "dkd", "beta": 8.0, "tau": 4}}]).to_dict()  # the defaults, spelt out
+    assert _first_difference(_comparable(same), _comparable(then)) == ""
+    now = build_config([{"method": {"name": "dkd", "beta": 2.0}}]).to_dict()
+    assert _first_difference(_comparable(now), _comparable(then)) == "method.beta: 8.0 then, 2.0 now"
+    # tuple and None defaults compare with the lists and nulls a saved JSON config holds
+    attn = build_config([{"method": {"name": "attention", "student_layers": None}}]).to_dict()
+    assert _first_difference(_comparable(attn), _comparable(json.loads(json.dumps(attn)))) == ""

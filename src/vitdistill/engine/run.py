@@ -21,7 +21,8 @@ from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_names, teacher_side
 from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
 from vitdistill.errors import UserError
-from vitdistill.methods import build_method
+from vitdistill.methods import METHODS, build_method
+from vitdistill.methods.base import method_knobs
 from vitdistill.models import InputPrep, create_model, prepare_student
 from vitdistill.models.factory import check_fits
 from vitdistill.report.profile import profile_model
@@ -32,9 +33,28 @@ _RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device")
                 ("synth",)}
 
 
+def _method_resolved(section: object) -> object:
+    """The method section with every knob it left out filled with the method's default.
+
+    A config names only the knobs that were given, so without this a knob set on ``--resume``
+    that the first invocation left at its default would look like a key added since, and pass."""
+    if not isinstance(section, dict) or section.get("name") not in METHODS:
+        return section
+    defaults = {}
+    for knob, value in method_knobs(METHODS.get(section["name"])).items():
+        try:  # as the saved JSON holds it: tuples become lists
+            defaults[knob] = json.loads(json.dumps(value))
+        except TypeError:
+            continue
+    return {**defaults, **section}
+
+
 def _comparable(cfg: dict) -> dict:
-    return {s: ({k: v for k, v in sec.items() if (s, k) not in _RESUME_FREE} if isinstance(sec, dict) else sec)
-            for s, sec in cfg.items() if (s,) not in _RESUME_FREE}
+    out = {s: ({k: v for k, v in sec.items() if (s, k) not in _RESUME_FREE} if isinstance(sec, dict) else sec)
+           for s, sec in cfg.items() if (s,) not in _RESUME_FREE}
+    if "method" in out:
+        out["method"] = _method_resolved(out["method"])
+    return out
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
