@@ -190,6 +190,15 @@ def test_path_errors(tmp_path: Path) -> None:
         load_data(f"cifar100:{tmp_path / 'empty'}", cache_dir=tmp_path)
 
 
+def test_absolute_source_keeps_embedded_names_and_anchors_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitdistill.data.sources import absolute_source
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_source("digits") == "digits"
+    assert absolute_source("cifar10:data/c10") == f"cifar10:{tmp_path / 'data' / 'c10'}"
+    assert absolute_source(f"imagefolder:{tmp_path}/a.tar") == f"imagefolder:{tmp_path}/a.tar"
+
+
 def test_unknown_source_suggests_closest() -> None:
     assert DATA_SOURCES == ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "synthetic")
     with pytest.raises(UserError, match=r"unknown data source 'cifar1' \(did you mean 'cifar10'\?\)"):

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from vitdistill.config import Config, SynthConfig
 from vitdistill.data import DataSplit
+from vitdistill.data.sources import absolute_source
 from vitdistill.data.synthetic import FORMAT, IMAGES
 from vitdistill.engine import io
 from vitdistill.engine.evaluate import accuracy, predict
@@ -229,11 +230,12 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     x, y = torch.cat(images), labels
     agree, real = (accuracy(predict(lambda im: teacher(im)["logits"], split, cfg.train.eval_batch_size, device),
                             split.labels)["top1"] for split in (DataSplit(x, y), data.test))
-    meta = {"format": FORMAT, "test_data": cfg.data.source, "img_size": str(cfg.data.img_size or ""),
+    real_spec = absolute_source(cfg.data.source)  # read again from later runs' working directories
+    meta = {"format": FORMAT, "test_data": real_spec, "img_size": str(cfg.data.img_size or ""),
             "classes": json.dumps(data.classes), "teacher": cfg.model.teacher or "", "settings": settings,
             "pad": str(aug.pad), "hflip": "true" if hflip else "false"}
     summary = {"images": int(len(y)), "classes": data.num_classes, "img_size": data.img_size,
-               "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": cfg.data.source,
+               "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": real_spec,
                "teacher_top1_on_synthetic": round(agree, 4), "teacher_top1_on_real_test": round(real, 4),
                "last_batch_loss": last, "wall_s": round(time.perf_counter() - start, 1),
                "settings": asdict(s), "seed": cfg.train.seed}

@@ -35,6 +35,15 @@ _DIGITS_AUG = (2, False)
 _NATURAL_AUG = (4, True)
 
 
+def absolute_source(spec: str) -> str:
+    """``spec`` with its path made absolute (``cifar10:../x`` -> ``cifar10:/abs/x``), for specs that
+    outlive the working directory they were given in, such as a synthetic set's real test data."""
+    kind, sep, arg = str(spec).partition(":")
+    if not sep or not arg.strip():
+        return str(spec)
+    return f"{kind}:{Path(arg.strip()).expanduser().resolve()}"
+
+
 def load_data(
     spec: str,
     cache_dir: str | os.PathLike[str] | None = None,
