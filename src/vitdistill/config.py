@@ -27,6 +27,8 @@ class DataConfig:
     hflip: bool | None = None  # horizontal flips; None takes the source's default
     mix_prob: float = 0.0  # share of training samples mixed with a partner (Mixup or CutMix)
     cutmix_share: float = 0.5  # of the mixed samples, the share that get CutMix instead of Mixup
+    crop_scale: float | None = None  # RandomResizedCrop's smallest area share (DeiT: 0.08); None: padded crop
+    erase_prob: float = 0.0  # share of training samples given a random-erasing box (DeiT: 0.25)
     train_limit: int | None = None  # use a fixed random subset of the training split
     test_limit: int | None = None  # use a fixed random subset of the test split
 

@@ -44,7 +44,10 @@ from vitdistill.errors import UserError
 FORMAT_VERSION = 2  # 2: the header records the teacher's input preparation
 # Fields that must match between a cache and the run that uses it (epochs is checked as >=).
 MATCH_FIELDS = ("format", "teacher", "teacher_hash", "teacher_input", "data", "train_limit", "num_samples", "num_classes",
-                "pad", "hflip", "mix_prob", "cutmix_share", "seed", "seed_digest", "topk", "value_dtype")
+                "pad", "hflip", "mix_prob", "cutmix_share", "seed", "seed_digest", "topk", "value_dtype",
+                "crop_scale", "erase_prob")
+# Written only when they are on, so a cache made before they existed keeps its digest and still fits.
+_OPTIONAL = {"crop_scale": None, "erase_prob": 0.0}
 # What a run that replays the cache must share with it; top-k and value type are the cache's own.
 REPLAY_FIELDS = tuple(f for f in MATCH_FIELDS if f not in ("topk", "value_dtype"))
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -78,29 +81,36 @@ def seed_digest(run_seed: int, num_samples: int) -> str:
 
 def make_header(*, teacher: str, teacher_hash: str, teacher_input: dict, data_fingerprint: str, train_limit: int | None,
                 num_samples: int, num_classes: int, pad: int, hflip: bool, mix_prob: float, cutmix_share: float,
-                seed: int, epochs: int, topk: int, value_dtype: str) -> dict:
+                seed: int, epochs: int, topk: int, value_dtype: str, crop_scale: float | None = None,
+                erase_prob: float = 0.0) -> dict:
     if value_dtype not in _DTYPES:
         raise UserError(f"cache value dtype must be float16 or float32, not '{value_dtype}'")
     if not 1 <= topk <= num_classes:
         raise UserError(f"cache top-k must lie in 1..{num_classes} (the class count), not {topk}")
-    return {"format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "teacher_input": teacher_input,
+    optional = {k: v for k, v in (("crop_scale", crop_scale), ("erase_prob", erase_prob)) if v != _OPTIONAL[k]}
+    return {**optional, "format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "teacher_input": teacher_input,
             "data": data_fingerprint,
             "train_limit": train_limit, "num_samples": num_samples, "num_classes": num_classes, "pad": pad,
             "hflip": hflip, "mix_prob": mix_prob, "cutmix_share": cutmix_share, "seed": seed, "seed_digest": seed_digest(seed, num_samples), "topk": topk,
             "value_dtype": value_dtype, "epochs": epochs}
 
 
+def _core(header: dict) -> dict:
+    return {k: header.get(k, _OPTIONAL.get(k)) for k in MATCH_FIELDS}
+
+
 def header_digest(header: dict) -> str:
-    core = {k: header[k] for k in MATCH_FIELDS}
+    core = {k: header[k] for k in MATCH_FIELDS if k in header}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def check_header(found: dict, wanted: dict, where: Path, fields: tuple[str, ...] = MATCH_FIELDS) -> None:
     """A cache built for another teacher, data, augmentation or seed is an error naming the field."""
+    have, want = _core(found), _core(wanted)
     for key in fields:
-        if found.get(key) != wanted.get(key):
+        if have[key] != want[key]:
             raise UserError(
-                f"teacher cache '{where}' was made for {key}={found.get(key)!r}, this run has {wanted.get(key)!r}; "
+                f"teacher cache '{where}' was made for {key}={have[key]!r}, this run has {want[key]!r}; "
                 "rebuild it with `vitdistill cache-teacher` for this run's config, or use a matching config"
             )
     if found["epochs"] < wanted["epochs"]:
@@ -171,7 +181,7 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
         head = cache_dir / "header.json"
         if head.exists():
             old = json.loads(head.read_text())
-            if {k: old.get(k) for k in MATCH_FIELDS} != {k: header[k] for k in MATCH_FIELDS}:
+            if _core(old) != _core(header):
                 check_header(old, header, cache_dir)  # raises, naming the first field that differs
             header = {**header, "epochs": max(header["epochs"], old["epochs"])}
         io.write_json(head, header)

@@ -17,6 +17,9 @@ _DOMAIN_ORDER = 0x0BADC0DE
 _DOMAIN_DX = 0x1B873593
 _DOMAIN_DY = 0xCC9E2D51
 _DOMAIN_FLIP = 0xE6546B64
+_DOMAIN_AREA, _DOMAIN_RATIO, _DOMAIN_CY, _DOMAIN_CX = 0x2545F491, 0x4F1BBCDC, 0x6A09E667, 0xBB67AE85
+_DOMAIN_ERASE, _DOMAIN_EAREA, _DOMAIN_ERATIO, _DOMAIN_EY, _DOMAIN_EX, _DOMAIN_NOISE = (
+    0x3C6EF373, 0xA54FF53B, 0x9B05688D, 0x1F83D9AC, 0x5BE0CD1A, 0x428A2F98)
 
 IntOrTensor = int | torch.Tensor
 
@@ -51,6 +54,11 @@ def _absorb_int(h: int, x: int) -> int:
     """Fold an arbitrary Python int (negative or wider than 32 bits) into the hash."""
     h = _absorb(h, x & _MASK32)
     return _absorb(h, (x >> 32) & _MASK32)
+
+
+def uniform(h: torch.Tensor, domain: int) -> torch.Tensor:
+    """A float64 draw in [0, 1) per seed in ``h``, one independent stream per ``domain``."""
+    return _fmix32((h ^ domain) & _MASK32).double() / 2**32
 
 
 def sample_seeds(run_seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
@@ -122,3 +130,85 @@ def epoch_batches(
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def resized_crop_batch(images: torch.Tensor, seeds: torch.Tensor, scale: float, hflip: bool,
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random-resized crop (Szegedy et al., *Going Deeper with Convolutions*, CVPR 2015; the
+    ``RandomResizedCrop`` of DeiT's and TinyViT's recipes), then a horizontal flip if ``hflip``.
+
+    Per sample: area share a ~ U(scale, 1), log aspect ratio ~ U(log ratio[0], log ratio[1]), box
+    w = sqrt(a H W r), h = sqrt(a H W / r) (clipped to the image), its corner uniform where it fits;
+    the box is resized back to H x W bilinearly (sample points at the pixel centres, as
+    ``F.interpolate(align_corners=False)``). torchvision redraws an oversized box up to ten times;
+    clipping it instead keeps the draw one pass over the batch. uint8 in, uint8 out.
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+    if seeds.shape != images.shape[:1]:
+        raise ValueError(f"need one seed per image: {tuple(seeds.shape)} seeds for {images.shape[0]} images")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"crop scale must lie in (0, 1], got {scale}")
+    n, _, height, width = images.shape
+    s = seeds.to(torch.int64)
+    area = (scale + (1.0 - scale) * uniform(s, _DOMAIN_AREA)) * height * width
+    lo, hi = torch.tensor(ratio, dtype=torch.float64).log()
+    r = (lo + (hi - lo) * uniform(s, _DOMAIN_RATIO)).exp()
+    w = (area * r).sqrt().clamp(1.0, width)
+    h = (area / r).sqrt().clamp(1.0, height)
+    y0 = (height - h) * uniform(s, _DOMAIN_CY)
+    x0 = (width - w) * uniform(s, _DOMAIN_CX)
+    dev = images.device
+    centres_y = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+    centres_x = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    ys = y0[:, None] + centres_y[None, :] * h[:, None]  # [N, H] source rows, in pixels from the top edge
+    xs = x0[:, None] + centres_x[None, :] * w[:, None]
+    if hflip:
+        flip = (_fmix32(s ^ _DOMAIN_FLIP) & 1).bool()
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+    gy = (2 * ys / height - 1).float().to(dev)  # grid_sample's coordinates, align_corners=False
+    gx = (2 * xs / width - 1).float().to(dev)
+    grid = torch.stack([gx[:, None, :].expand(n, height, width), gy[:, :, None].expand(n, height, width)], dim=-1)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def erase_batch(images: torch.Tensor, seeds: torch.Tensor, prob: float,
+                area: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al., *Random Erasing Data Augmentation*, AAAI 2020), as DeiT uses it
+    (probability 0.25, per-pixel random fill).
+
+    With probability ``prob`` a sample gets one box of area share ~ U(area) and log aspect ratio ~
+    U(log ratio), clipped to the image and placed uniformly, filled with uniform uint8 noise drawn
+    from the sample's seed. The paper (and timm) redraw a box that does not fit; clipping keeps one
+    pass. Returns a new uint8 tensor.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"erase probability must lie in [0, 1], got {prob}")
+    if prob == 0.0:
+        return images.clone()
+    n, c, height, width = images.shape
+    s = seeds.to(torch.int64)
+    on = uniform(s, _DOMAIN_ERASE) < prob
+    a = (area[0] + (area[1] - area[0]) * uniform(s, _DOMAIN_EAREA)) * height * width
+    lo, hi = torch.tensor(ratio, dtype=torch.float64).log()
+    r = (lo + (hi - lo) * uniform(s, _DOMAIN_ERATIO)).exp()
+    h = (a * r).sqrt().round().clamp(1, height).long()
+    w = (a / r).sqrt().round().clamp(1, width).long()
+    y0 = ((height - h + 1) * uniform(s, _DOMAIN_EY)).long()
+    x0 = ((width - w + 1) * uniform(s, _DOMAIN_EX)).long()
+    dev = images.device
+    rows = torch.arange(height)[None, :]
+    cols = torch.arange(width)[None, :]
+    in_rows = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
+    in_cols = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
+    inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [N, 1, H, W]
+    out = images.clone()
+    hit = on.nonzero().flatten()
+    if len(hit):  # noise for the erased samples only: a pure function of each one's seed and pixel
+        pixel = torch.arange(c * height * width, dtype=torch.int64).view(1, c, height, width)
+        noise = _absorb(_fmix32((s[hit] ^ _DOMAIN_NOISE) & _MASK32)[:, None, None, None], pixel) & 0xFF
+        sel = hit.to(dev)
+        out[sel] = torch.where(inside[hit].to(dev), noise.to(torch.uint8).to(dev), out[sel])
+    return out

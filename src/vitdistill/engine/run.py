@@ -104,6 +104,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     if len(data.train) < world:
         raise UserError(f"{len(data.train)} training samples cannot feed {world} processes; use fewer processes")
 
+    augment = augment_for(cfg, data)  # checks the augmentation knobs before anything is written
     method = build_method(cfg.method, cfg.train.label_smoothing)
     if mode == "train" and method.needs_teacher:
         raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
@@ -152,7 +153,6 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     source = side.source if side is not None else None
     step_module = dist.wrap_ddp(dist.TrainStep(run_student, prep, method, taps, source), device)
     data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
-    augment = augment_for(cfg, data)
 
     def student_eval(images: torch.Tensor) -> torch.Tensor:
         return run_student(prep(images))

@@ -44,9 +44,13 @@ def load_run_data(cfg: Config) -> Dataset:
 def augment_for(cfg: Config, data: Dataset) -> Augment:
     pad = data.pad if cfg.data.pad is None else cfg.data.pad
     hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
-    if not 0.0 <= cfg.data.mix_prob <= 1.0 or not 0.0 <= cfg.data.cutmix_share <= 1.0:
-        raise UserError("data.mix_prob and data.cutmix_share must lie in [0, 1]")
-    return Augment(cfg.train.seed, pad, hflip, cfg.data.mix_prob, cfg.data.cutmix_share)
+    d = cfg.data
+    if not 0.0 <= d.mix_prob <= 1.0 or not 0.0 <= d.cutmix_share <= 1.0 or not 0.0 <= d.erase_prob <= 1.0:
+        raise UserError("data.mix_prob, data.cutmix_share and data.erase_prob must lie in [0, 1]")
+    if d.crop_scale is not None and not 0.0 < d.crop_scale <= 1.0:
+        raise UserError(f"data.crop_scale is the smallest share of the image a random-resized crop keeps; it must "
+                        f"lie in (0, 1] (DeiT uses 0.08), or be null for the padded crop, not {d.crop_scale}")
+    return Augment(cfg.train.seed, pad, hflip, d.mix_prob, d.cutmix_share, d.crop_scale, d.erase_prob)
 
 
 def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
@@ -87,6 +91,7 @@ def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: st
         teacher=teacher_name, teacher_hash=teacher_hash, teacher_input=teacher_input, data_fingerprint=data.fingerprint,
         train_limit=cfg.data.train_limit, num_samples=len(data.train), num_classes=data.num_classes,
         pad=aug.pad, hflip=aug.hflip, mix_prob=aug.mix_prob, cutmix_share=aug.cutmix_share,
+        crop_scale=aug.crop_scale, erase_prob=aug.erase_prob,
         seed=cfg.train.seed, epochs=cfg.train.epochs,
         topk=min(cfg.cache.topk, data.num_classes), value_dtype=cfg.cache.value_dtype)
 
