@@ -76,6 +76,15 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "dkd": {"distilled": {"model": {"student": "vit_femto_patch4_16"}, "method": {"name": "dkd"}}},
     # mn60 with the no-KD baseline on the distillation-token architecture (both heads on the label).
     "mn60-tok": {**_mnist5k(60), "baseline": {"model": {"student": "deit_femto_distilled_patch4_16"}}},
+    # DeiT's heavier augmentation, teacher and students alike: random-resized crops (area share
+    # from 0.35), then random erasing on a quarter of the samples; where a crop or a box leaves a
+    # digit ambiguous, the teacher's decision can differ from the label for a reason.
+    "rrc": {"teacher": {"data": {"crop_scale": 0.35}}, "students": {"data": {"crop_scale": 0.35}}},
+    "rrc-erase": {"teacher": {"data": {"crop_scale": 0.35, "erase_prob": 0.25}},
+                  "students": {"data": {"crop_scale": 0.35, "erase_prob": 0.25}}},
+    "rrc-e60": {"teacher": {"data": {"crop_scale": 0.35}},
+                "students": {"data": {"crop_scale": 0.35}, "train": {"epochs": 60}}},
+    "erase": {"teacher": {"data": {"erase_prob": 0.25}}, "students": {"data": {"erase_prob": 0.25}}},
     # the distillation-token student as registered before 427cf22: timm DeiT's ImageNet mean and std
     # while the no-KD ViT keeps 0.5 / 0.5 (the comparison of the first six rounds)
     "imagenet-stats": {"distilled": {"model": {"student_kwargs": {"pretrained_cfg_overlay": {

@@ -203,12 +203,16 @@ def erase_batch(images: torch.Tensor, seeds: torch.Tensor, prob: float,
     cols = torch.arange(width)[None, :]
     in_rows = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
     in_cols = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
-    inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [N, 1, H, W]
     out = images.clone()
     hit = on.nonzero().flatten()
-    if len(hit):  # noise for the erased samples only: a pure function of each one's seed and pixel
-        pixel = torch.arange(c * height * width, dtype=torch.int64).view(1, c, height, width)
-        noise = _absorb(_fmix32((s[hit] ^ _DOMAIN_NOISE) & _MASK32)[:, None, None, None], pixel) & 0xFF
-        sel = hit.to(dev)
-        out[sel] = torch.where(inside[hit].to(dev), noise.to(torch.uint8).to(dev), out[sel])
+    if not len(hit):
+        return out
+    inside = in_rows[hit, :, None] & in_cols[hit, None, :]  # [K, H, W], the erased samples only
+    k, yy, xx = inside.nonzero(as_tuple=True)
+    # Noise is drawn for the box's pixels alone, each a hash of (sample seed, channel, pixel), so it
+    # is the same on every device and in every batch; one finaliser per value keeps it cheap.
+    flat = torch.arange(c)[None, :] * (height * width) + (yy * width + xx)[:, None]  # [P, C]
+    base = _fmix32((s[hit] ^ _DOMAIN_NOISE) & _MASK32)[k]
+    noise = _fmix32(base[:, None] ^ ((flat * _GOLDEN) & _MASK32)) & 0xFF
+    out[hit[k].to(dev), :, yy.to(dev), xx.to(dev)] = noise.to(torch.uint8).to(dev)
     return out
