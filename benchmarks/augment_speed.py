@@ -2,7 +2,7 @@
 
 For a batch of random uint8 images it times the padded crop with flips, the random-resized crop
 (``data.crop_scale``), random erasing on every sample (``data.erase_prob=1``, the worst case) and
-the full ``Augment`` pipeline with Mixup / CutMix, and prints images per second for each. The
+DeiT's RandAugment (``rand-m9-mstd0.5-inc1``) and the full ``Augment`` pipeline with Mixup / CutMix, and prints images per second for each. The
 script prints and never asserts.
 
     .venv/bin/python benchmarks/augment_speed.py --size 32 --batch 128
@@ -20,6 +20,7 @@ import torch
 from vitdistill.data import augment_batch, sample_seeds
 from vitdistill.data.augment import erase_batch, resized_crop_batch
 from vitdistill.data.mix import Augment
+from vitdistill.data.randaugment import parse_spec, rand_augment_batch
 
 
 def _rate(fn: Callable[[], torch.Tensor], images: int, repeat: int) -> float:
@@ -42,12 +43,14 @@ def main() -> None:
                          generator=torch.Generator().manual_seed(0))
     idx = torch.arange(args.batch)
     x, seeds = pool[idx], sample_seeds(0, 0, idx)
-    full = Augment(0, pad=4, hflip=True, mix_prob=0.5, crop_scale=0.08, erase_prob=0.25)
+    deit = parse_spec("rand-m9-mstd0.5-inc1")
+    full = Augment(0, pad=4, hflip=True, mix_prob=0.5, crop_scale=0.08, erase_prob=0.25, randaugment=deit)
     cases = {
         "pad_crop_flip": lambda: augment_batch(x, seeds, 4, True),
         "resized_crop_flip": lambda: resized_crop_batch(x, seeds, 0.08, True),
         "erase_every_sample": lambda: erase_batch(x, seeds, 1.0),
-        "deit_pipeline": lambda: full.batch(pool, None, idx, 0, 10)[0],  # crop, erase 0.25, mix half
+        "randaugment_m9_n2": lambda: rand_augment_batch(x, seeds, deit),
+        "deit_pipeline": lambda: full.batch(pool, None, idx, 0, 10)[0],  # crop, RandAugment, erase 0.25, mix half
     }
     out = {"size": args.size, "batch": args.batch, "threads": args.threads,
            "images_per_s": {name: _rate(fn, args.batch, args.repeat) for name, fn in cases.items()}}

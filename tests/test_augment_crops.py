@@ -107,16 +107,19 @@ def test_erasing_is_per_sample_and_pure() -> None:
     assert any(kept) and not all(kept)
 
 
-def test_cli_trains_with_resized_crops_and_erasing(tmp_path: Path) -> None:
+def test_cli_trains_with_resized_crops_randaugment_and_erasing(tmp_path: Path) -> None:
     args = ["train", "--model", "vit_femto_patch4_16", "--epochs", "1", *TINY]
     assert run_cli_here(*args, "--out", str(tmp_path / "pad")) == 0
-    heavy = ["--set", "data.crop_scale=0.35", "--set", "data.erase_prob=0.25"]
+    heavy = ["--set", "data.crop_scale=0.35", "--set", "data.erase_prob=0.25",
+             "--set", "data.randaugment=rand-m9-mstd0.5-inc1"]
     assert run_cli_here(*args, *heavy, "--out", str(tmp_path / "rrc")) == 0
     saved = yaml.safe_load((tmp_path / "rrc" / "config.yaml").read_text())["data"]
     assert saved["crop_scale"] == 0.35 and saved["erase_prob"] == 0.25
+    assert saved["randaugment"] == "rand-m9-mstd0.5-inc1"
     loss = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["train_loss"] for d in ("pad", "rrc")]
     assert loss[0] != loss[1]  # the settings reach the training batches
-    for bad, says in (("data.crop_scale=1.5", "data.crop_scale"), ("data.erase_prob=-0.1", "data.erase_prob")):
+    for bad, says in (("data.crop_scale=1.5", "data.crop_scale"), ("data.erase_prob=-0.1", "data.erase_prob"),
+                      ("data.randaugment=rand-m9-inc0", "inc1")):
         r = run_cli_fast(*args, "--set", bad, "--out", str(tmp_path / "bad"))
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "bad").exists()

@@ -48,7 +48,8 @@ def test_index_dtype_is_smallest() -> None:
     assert tc.index_dtype(1000) == torch.int16 and tc.index_dtype(40000) == torch.int32
 
 
-@pytest.mark.parametrize("data_change", [{}, {"mix_prob": 1.0}, {"crop_scale": 0.4, "erase_prob": 0.5}])
+@pytest.mark.parametrize("data_change", [{}, {"mix_prob": 1.0},
+                                         {"crop_scale": 0.4, "erase_prob": 0.5, "randaugment": "rand-m9-mstd0.5-inc1"}])
 def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path, data_change: dict) -> None:
     cfg = _cfg(teacher_run)
     for key, value in data_change.items():  # Mixup / CutMix partners, resized crops and erasing replay too
@@ -154,6 +155,7 @@ def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
     ("mix_prob", {"data": {"mix_prob": 0.5}}),
     ("crop_scale", {"data": {"crop_scale": 0.5}}),
     ("erase_prob", {"data": {"erase_prob": 0.25}}),
+    ("randaugment", {"data": {"randaugment": "rand-m9-mstd0.5-inc1"}}),
     ("seed", {"train": {"seed": 5}}),
     ("epochs", {"train": {"epochs": 3}}),
     # the same weights fed other statistics are another teacher (the DeiT twins' fix of 427cf22)
@@ -171,12 +173,12 @@ def test_header_mismatch_is_named(teacher_run: Path, tmp_path: Path, field: str,
         tc.CachedTeacher(tmp_path / "c", wanted, torch.device("cpu"))
 
 
-def test_a_cache_made_before_the_crop_and_erase_keys_still_fits(teacher_run: Path, tmp_path: Path) -> None:
+def test_a_cache_made_before_the_newer_augmentation_keys_still_fits(teacher_run: Path, tmp_path: Path) -> None:
     cfg = _cfg(teacher_run)
     data = load_run_data(cfg)
     teacher, _ = build_teacher(cfg, data, "test")
     header = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model), teacher.prep.spec)
-    assert "crop_scale" not in header and "erase_prob" not in header  # off: written as before they existed
+    assert not {"crop_scale", "erase_prob", "randaugment"} & set(header)  # off: written as before they existed
     tc.check_header(header, header, tmp_path)
     cfg.data.crop_scale = 0.5
     on = cache_header(cfg, data, "resnet_micro_cnn", tc.state_hash(teacher.model), teacher.prep.spec)

@@ -29,6 +29,7 @@ class DataConfig:
     cutmix_share: float = 0.5  # of the mixed samples, the share that get CutMix instead of Mixup
     crop_scale: float | None = None  # RandomResizedCrop's smallest area share (DeiT: 0.08); None: padded crop
     erase_prob: float = 0.0  # share of training samples given a random-erasing box (DeiT: 0.25)
+    randaugment: str | None = None  # timm's RandAugment string (DeiT: rand-m9-mstd0.5-inc1); None: off
     train_limit: int | None = None  # use a fixed random subset of the training split
     test_limit: int | None = None  # use a fixed random subset of the test split
 

@@ -45,9 +45,9 @@ FORMAT_VERSION = 2  # 2: the header records the teacher's input preparation
 # Fields that must match between a cache and the run that uses it (epochs is checked as >=).
 MATCH_FIELDS = ("format", "teacher", "teacher_hash", "teacher_input", "data", "train_limit", "num_samples", "num_classes",
                 "pad", "hflip", "mix_prob", "cutmix_share", "seed", "seed_digest", "topk", "value_dtype",
-                "crop_scale", "erase_prob")
+                "crop_scale", "erase_prob", "randaugment")
 # Written only when they are on, so a cache made before they existed keeps its digest and still fits.
-_OPTIONAL = {"crop_scale": None, "erase_prob": 0.0}
+_OPTIONAL = {"crop_scale": None, "erase_prob": 0.0, "randaugment": None}
 # What a run that replays the cache must share with it; top-k and value type are the cache's own.
 REPLAY_FIELDS = tuple(f for f in MATCH_FIELDS if f not in ("topk", "value_dtype"))
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -82,12 +82,13 @@ def seed_digest(run_seed: int, num_samples: int) -> str:
 def make_header(*, teacher: str, teacher_hash: str, teacher_input: dict, data_fingerprint: str, train_limit: int | None,
                 num_samples: int, num_classes: int, pad: int, hflip: bool, mix_prob: float, cutmix_share: float,
                 seed: int, epochs: int, topk: int, value_dtype: str, crop_scale: float | None = None,
-                erase_prob: float = 0.0) -> dict:
+                erase_prob: float = 0.0, randaugment: str | None = None) -> dict:
     if value_dtype not in _DTYPES:
         raise UserError(f"cache value dtype must be float16 or float32, not '{value_dtype}'")
     if not 1 <= topk <= num_classes:
         raise UserError(f"cache top-k must lie in 1..{num_classes} (the class count), not {topk}")
-    optional = {k: v for k, v in (("crop_scale", crop_scale), ("erase_prob", erase_prob)) if v != _OPTIONAL[k]}
+    optional = {k: v for k, v in (("crop_scale", crop_scale), ("erase_prob", erase_prob), ("randaugment", randaugment))
+                if v != _OPTIONAL[k]}
     return {**optional, "format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "teacher_input": teacher_input,
             "data": data_fingerprint,
             "train_limit": train_limit, "num_samples": num_samples, "num_classes": num_classes, "pad": pad,

@@ -22,6 +22,7 @@ import torch
 
 from vitdistill.data.augment import _MASK32, _fmix32, augment_batch, erase_batch, resized_crop_batch, sample_seeds
 from vitdistill.data.augment import uniform as _uniform
+from vitdistill.data.randaugment import RandAugmentSpec, rand_augment_batch
 
 _D_MIX, _D_PARTNER, _D_LAM, _D_CUT, _D_CX, _D_CY = 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19
 
@@ -88,8 +89,8 @@ def mix_targets(labels: torch.Tensor, partner_labels: torch.Tensor, plan: MixPla
 
 @dataclass
 class Augment:
-    """The training input pipeline of one run: crop (padded, or random-resized) and flip, optional
-    random erasing, then optional Mixup / CutMix.
+    """The training input pipeline of one run, in timm's order: crop (padded, or random-resized) and
+    flip, optional RandAugment, optional random erasing, then optional Mixup / CutMix.
 
     ``images`` and ``targets`` are pure functions of (seed, epoch, sample index), so the cache
     writer, a resumed run and a second process all see the same batch.
@@ -102,6 +103,7 @@ class Augment:
     cutmix_share: float = 0.5
     crop_scale: float | None = None  # random-resized crop in place of the padded crop when set
     erase_prob: float = 0.0
+    randaugment: RandAugmentSpec | None = None
 
     def _aug(self, all_images: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
         batch = all_images[idx.to(all_images.device)]
@@ -110,6 +112,8 @@ class Augment:
             batch = resized_crop_batch(batch, seeds, self.crop_scale, self.hflip)
         else:
             batch = augment_batch(batch, seeds, self.pad, self.hflip)
+        if self.randaugment is not None:
+            batch = rand_augment_batch(batch, seeds, self.randaugment)
         return erase_batch(batch, seeds, self.erase_prob) if self.erase_prob > 0 else batch
 
     def plan(self, n: int, size: tuple[int, int], idx: torch.Tensor, epoch: int) -> MixPlan:

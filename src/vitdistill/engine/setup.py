@@ -16,6 +16,7 @@ from vitdistill.engine import distributed as dist
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.speed import channels_last_teachers, compile_teachers
 from vitdistill.data.mix import Augment
+from vitdistill.data.randaugment import parse_spec
 from vitdistill.engine.trainer import LiveTeacher, TeacherSource
 from vitdistill.errors import UserError
 from vitdistill.methods.base import Method
@@ -50,7 +51,11 @@ def augment_for(cfg: Config, data: Dataset) -> Augment:
     if d.crop_scale is not None and not 0.0 < d.crop_scale <= 1.0:
         raise UserError(f"data.crop_scale is the smallest share of the image a random-resized crop keeps; it must "
                         f"lie in (0, 1] (DeiT uses 0.08), or be null for the padded crop, not {d.crop_scale}")
-    return Augment(cfg.train.seed, pad, hflip, d.mix_prob, d.cutmix_share, d.crop_scale, d.erase_prob)
+    try:
+        randaug = parse_spec(d.randaugment) if d.randaugment else None
+    except ValueError as exc:
+        raise UserError(f"data.randaugment: {exc}") from None
+    return Augment(cfg.train.seed, pad, hflip, d.mix_prob, d.cutmix_share, d.crop_scale, d.erase_prob, randaug)
 
 
 def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
@@ -91,7 +96,7 @@ def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: st
         teacher=teacher_name, teacher_hash=teacher_hash, teacher_input=teacher_input, data_fingerprint=data.fingerprint,
         train_limit=cfg.data.train_limit, num_samples=len(data.train), num_classes=data.num_classes,
         pad=aug.pad, hflip=aug.hflip, mix_prob=aug.mix_prob, cutmix_share=aug.cutmix_share,
-        crop_scale=aug.crop_scale, erase_prob=aug.erase_prob,
+        crop_scale=aug.crop_scale, erase_prob=aug.erase_prob, randaugment=cfg.data.randaugment or None,
         seed=cfg.train.seed, epochs=cfg.train.epochs,
         topk=min(cfg.cache.topk, data.num_classes), value_dtype=cfg.cache.value_dtype)
 
