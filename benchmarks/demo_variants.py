@@ -84,6 +84,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
                   "students": {"data": {"crop_scale": 0.35, "erase_prob": 0.25}}},
     "rrc-e60": {"teacher": {"data": {"crop_scale": 0.35}},
                 "students": {"data": {"crop_scale": 0.35}, "train": {"epochs": 60}}},
+    # DeiT's whole set at 60 student epochs: crops, RandAugment rand-m9-mstd0.5-inc1 (and erasing)
+    **{name: {"teacher": {"data": d}, "students": {"data": d, "train": {"epochs": 60}}} for name, d in (
+        ("ra-e60", {"crop_scale": 0.35, "randaugment": "rand-m9-mstd0.5-inc1"}),
+        ("deit-aug-e60", {"crop_scale": 0.35, "randaugment": "rand-m9-mstd0.5-inc1", "erase_prob": 0.25}))},
     "erase": {"teacher": {"data": {"erase_prob": 0.25}}, "students": {"data": {"erase_prob": 0.25}}},
     # the distillation-token student as registered before 427cf22: timm DeiT's ImageNet mean and std
     # while the no-KD ViT keeps 0.5 / 0.5 (the comparison of the first six rounds)
