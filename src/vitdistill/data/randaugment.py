@@ -151,7 +151,7 @@ def _geometric(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
 def apply_op(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """One operation on uint8 images ``x`` [K, C, H, W] with a level in [0, 1] and a sign (+-1) per
     image; returns uint8."""
-    f = 1.0 + 0.9 * level * sign  # the enhance factor of colour, contrast, brightness and sharpness
+    f = (1.0 + 0.9 * level * sign).clamp(min=0.1)  # colour, contrast, brightness, sharpness; timm's floor
     if op == "auto_contrast":
         out = _auto_contrast(x)
     elif op == "equalize":
@@ -166,7 +166,7 @@ def apply_op(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) 
         threshold = (256 - (256 * level).floor()).view(-1, 1, 1, 1)
         out = torch.where(x.float() >= threshold, 255.0 - x.float(), x.float())
     elif op == "solarize_add":
-        add = (110 * level).floor().view(-1, 1, 1, 1)
+        add = (110 * level).floor().clamp(max=128).view(-1, 1, 1, 1)
         out = torch.where(x < 128, (x.float() + add).clamp(max=255), x.float())
     elif op == "color":
         out = _blend(_grey(x).expand_as(x), x, f)
