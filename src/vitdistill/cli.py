@@ -141,6 +141,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vitdistill.export import export_cli
+
+    print(json.dumps(export_cli(args)))
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from vitdistill.evaluation import profile_cli
 
@@ -256,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="the student as an ONNX file (uint8 images in, logits out), checked in "
+                       "ONNX Runtime; --int8 adds a quantized twin")
+    p.add_argument("--student", required=True, help="a run directory, or a model name with --weights")
+    p.add_argument("--weights", help="weights file when --student is a model name")
+    p.add_argument("--data", help="data source, for the class count, input size and the check (default: the run's)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    p.add_argument("--int8", action="store_true", help="also write OUT.int8.onnx, dynamically quantized, and score it")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the check (default: its own)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="parameters, FLOPs, latency, throughput and peak memory of a model")
     p.add_argument("--model", required=True, help="a model name or a run directory")

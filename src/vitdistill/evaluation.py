@@ -36,24 +36,31 @@ def _build(name: str, num_classes: int, img_size: int | None, kwargs: dict, weig
     return model
 
 
-def evaluate_cli(args: argparse.Namespace) -> dict:
-    """Top-1/top-5 on the test split, plus agreement with a teacher when one is given."""
-    run_dir = Path(args.student)
+def load_student(student: str, weights: str | None, data_spec: str | None, command: str) -> tuple[str, Config, object,
+                                                                                                torch.nn.Module]:
+    """(name, config, data, model) for ``--student`` given as a run directory or as a model name
+    with ``--weights`` and ``--data``; the data defaults to the run's."""
+    run_dir = Path(student)
     run_cfg = None
     if run_dir.is_dir():
         cfg = run_cfg = _run_config(run_dir)
         name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, str(run_dir)
     else:
-        if not args.weights:
-            raise UserError("eval needs --weights FILE with a model name (or pass a run directory as --student)")
-        if not args.data:
-            raise UserError("eval needs --data with a model name (or pass a run directory as --student)")
-        cfg, name, kwargs, weights = Config(), args.student, {}, args.weights
-    if args.data:
-        cfg.data.source = args.data
+        if not weights:
+            raise UserError(f"{command} needs --weights FILE with a model name (or pass a run directory as --student)")
+        if not data_spec:
+            raise UserError(f"{command} needs --data with a model name (or pass a run directory as --student)")
+        cfg, name, kwargs = Config(), student, {}
+    if data_spec:
+        cfg.data.source = data_spec
     data = load_run_data(cfg)
+    return name, cfg, data, _build(name, data.num_classes, data.img_size, kwargs, weights, run_cfg).eval()
+
+
+def evaluate_cli(args: argparse.Namespace) -> dict:
+    """Top-1/top-5 on the test split, plus agreement with a teacher when one is given."""
+    name, cfg, data, model = load_student(args.student, args.weights, args.data, "eval")
     device = pick_device(args.device)
-    model = _build(name, data.num_classes, data.img_size, kwargs, weights, run_cfg)
     model.to(device).eval()
     prep = InputPrep.for_model(model).to(device)
     logits = predict(lambda x: model(prep(x)), data.test, args.batch_size, device)

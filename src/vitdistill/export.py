@@ -1,0 +1,141 @@
+"""``vitdistill export``: the distilled student as an ONNX file, checked against PyTorch.
+
+Shipping the student to smaller hardware usually means an ONNX runtime. The exported graph takes
+what vitdistill's data layer yields, uint8 images ``[N, C, H, W]`` with a free batch size, and
+holds the student's own input preparation (resize to its resolution, its mean and std), so
+nothing has to be re-implemented beside it. A distillation-token student gives DeiT's average of
+its two heads, as ``vitdistill eval`` scores it. The export uses ``torch.onnx.export`` (the
+``torch.export`` based exporter); the check runs the file in ONNX Runtime over the test split and
+reports its top-1 beside PyTorch's, the largest logit difference and the latency at batch 1.
+``--int8`` also writes ONNX Runtime's dynamic int8 quantization of the weights (Jacob et al.,
+*Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference*,
+CVPR 2018) and scores it the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vitdistill.engine.evaluate import accuracy, predict
+from vitdistill.errors import UserError
+from vitdistill.evaluation import load_student
+from vitdistill.models import InputPrep
+
+
+class _Deployable(torch.nn.Module):
+    """uint8 images -> logits: the student behind its own input preparation."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.prep = InputPrep.for_model(model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.prep(images))
+
+
+def _runtime():  # noqa: ANN202
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("ONNX export needs onnx, onnxscript and onnxruntime; install them with "
+                        "pip install 'vitdistill[export]' (the dev extras include them)") from None
+    return onnxruntime
+
+
+def _session(ort, path: Path, threads: int | None):  # noqa: ANN001, ANN202
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _score(session, split, batch: int) -> tuple[torch.Tensor, float]:  # noqa: ANN001
+    """The session's logits on a split and its median latency in ms at batch 1."""
+    logits = predict(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), split, batch,
+                     torch.device("cpu"))
+    one = {"images": split.images[:1].numpy()}
+    for _ in range(5):
+        session.run(None, one)
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        session.run(None, one)
+        times.append((time.perf_counter() - start) * 1000)
+    return logits, statistics.median(times)
+
+
+def export_cli(args: argparse.Namespace) -> dict:
+    """Export, then check the file (and its int8 twin with ``--int8``) on the test split."""
+    ort = _runtime()
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise UserError(f"--out '{out}' should name an .onnx file, e.g. runs/NAME/student.onnx")
+    int8_path = out.with_name(out.stem + ".int8.onnx")
+    for path in (out, int8_path) if args.int8 else (out,):
+        if path.exists():
+            raise UserError(f"'{path}' already exists; remove it or choose another --out")
+    name, cfg, data, model = load_student(args.student, args.weights, args.data, "export")
+    deployable = _Deployable(model).eval()
+    sample = data.test.images[:2]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            torch.onnx.export(deployable, (sample,), str(tmp), dynamo=True, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              opset_version=args.opset, external_data=False, verbose=False)
+        except Exception as exc:  # the exporter's errors are long; the user needs their first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not export '{name}' to ONNX: {first}") from None
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    with torch.no_grad():
+        torch_logits = predict(deployable, data.test, args.batch_size, torch.device("cpu"))
+    onnx_logits, latency = _score(_session(ort, out, args.threads), data.test, args.batch_size)
+    result = {"model": name, "data": cfg.data.source, "n": len(data.test), "onnx": str(out),
+              "bytes": out.stat().st_size, "opset": args.opset,
+              "input": {"name": "images", "dtype": "uint8", "shape": ["batch", data.in_chans, data.img_size,
+                                                                   data.img_size]},
+              "max_abs_logit_diff": float((onnx_logits - torch_logits).abs().max()),
+              "top1_torch": accuracy(torch_logits, data.test.labels)["top1"],
+              "top1_onnx": accuracy(onnx_logits, data.test.labels)["top1"],
+              "agreement_onnx_torch": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean()),
+              "latency_ms_b1_onnxruntime": round(latency, 4)}
+    if args.int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp8 = int8_path.with_name(f".{int8_path.name}.{os.getpid()}.tmp")
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
+        try:
+            quantize_dynamic(str(out), str(tmp8), weight_type=QuantType.QInt8)
+            os.replace(tmp8, int8_path)
+        finally:
+            root.setLevel(level)
+            tmp8.unlink(missing_ok=True)
+        q_logits, q_latency = _score(_session(ort, int8_path, args.threads), data.test, args.batch_size)
+        result["int8"] = {"onnx": str(int8_path), "bytes": int8_path.stat().st_size,
+                          "top1": accuracy(q_logits, data.test.labels)["top1"],
+                          "agreement_with_fp32": float((q_logits.argmax(1) == onnx_logits.argmax(1)).float().mean()),
+                          "latency_ms_b1_onnxruntime": round(q_latency, 4)}
+    return result
+
+
+def check_onnx(path: Path) -> None:
+    """onnx's own structural check of a written file (used by the tests and by hand)."""
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
+

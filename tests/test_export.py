@@ -1,0 +1,87 @@
+"""``vitdistill export``: an ONNX file that ONNX Runtime scores like PyTorch, and its int8 twin."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli_fast, run_cli_here
+from vitdistill.data import load_data
+
+
+@pytest.fixture(scope="module")
+def token_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A distillation-token student trained on digits (both heads on the label) far enough for its
+    int8 twin's agreement to mean something (about 47 % top-1 on the 359 test digits, in 10 s)."""
+    out = tmp_path_factory.mktemp("runs") / "deit-student"
+    assert run_cli_here("train", "--model", "deit_femto_distilled_patch4_16", "--epochs", "8", "--lr", "2e-3",
+                        "--batch-size", "64", "--threads", "1", "--no-progress", "--out", str(out)) == 0
+    assert json.loads((out / "summary.json").read_text())["student_top1"] > 0.4
+    return out
+
+
+def _json(r) -> dict:  # noqa: ANN001
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_export_matches_pytorch_and_eval(token_student: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import timm
+    from safetensors.torch import load_file
+
+    from vitdistill.export import check_onnx
+
+    out = tmp_path / "deploy" / "student.onnx"
+    got = _json(run_cli_fast("export", "--student", str(token_student), "--out", str(out), "--int8",
+                             "--threads", "1"))
+    check_onnx(out)
+    evaluated = _json(run_cli_fast("eval", "--student", str(token_student)))
+    assert got["top1_onnx"] == got["top1_torch"] == evaluated["top1"]  # the full test split, both heads averaged
+    assert got["agreement_onnx_torch"] == 1.0 and got["max_abs_logit_diff"] < 1e-4
+    assert got["input"] == {"name": "images", "dtype": "uint8", "shape": ["batch", 3, 16, 16]}
+    assert not list(out.parent.glob(".*tmp"))  # written through a temporary file
+
+    # uint8 images of any batch size in, the student's logits out: the graph holds its normalisation
+    spec = json.loads((token_student / "summary.json").read_text())["timm_spec"]
+    model = timm.create_model(spec["name"], **spec["kwargs"])
+    model.load_state_dict(load_file(token_student / "model.safetensors"))  # `train` names it so
+    model.eval()
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, -1, 1, 1) * 255
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, -1, 1, 1) * 255
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = load_data("digits").test.images
+    for n in (1, 5):
+        logits = session.run(None, {"images": images[:n].numpy()})[0]
+        with torch.no_grad():
+            want = model((images[:n].float() - mean) / std)
+        assert logits.shape == (n, 10) and torch.allclose(torch.from_numpy(logits), want, atol=1e-4)
+
+    q = got["int8"]
+    assert Path(q["onnx"]).is_file() and q["bytes"] < 0.6 * got["bytes"]  # int8 weights: under 60 % of fp32
+    assert q["agreement_with_fp32"] >= 0.9 and abs(q["top1"] - got["top1_onnx"]) <= 0.05
+
+
+def test_bad_export_inputs_end_in_one_line(token_student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(*args: str, says: str) -> None:
+        r = run_cli_fast("export", *args)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+
+    fails("--student", str(token_student), "--out", str(tmp_path / "model.pt"), says="should name an .onnx file")
+    taken = tmp_path / "taken.onnx"
+    taken.write_bytes(b"")
+    fails("--student", str(token_student), "--out", str(taken), says="already exists")
+    fails("--student", "deit_femto_distilled_patch4_16", "--out", str(tmp_path / "a.onnx"), says="--weights")
+    real_import = __import__
+
+    def no_onnxruntime(name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", no_onnxruntime)
+    fails("--student", str(token_student), "--out", str(tmp_path / "b.onnx"), says="vitdistill[export]")
+    assert not (tmp_path / "b.onnx").exists()
