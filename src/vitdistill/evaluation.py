@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from vitdistill.config import Config, build_config, load_yaml
+from vitdistill.data import Dataset
 from vitdistill.engine.evaluate import accuracy, predict
 from vitdistill.engine.setup import load_run_data
 from vitdistill.engine.runtime import pick_device
@@ -36,8 +37,8 @@ def _build(name: str, num_classes: int, img_size: int | None, kwargs: dict, weig
     return model
 
 
-def load_student(student: str, weights: str | None, data_spec: str | None, command: str) -> tuple[str, Config, object,
-                                                                                                torch.nn.Module]:
+def load_student(student: str, weights: str | None, data_spec: str | None,
+                 command: str) -> tuple[str, Config, Dataset, torch.nn.Module]:
     """(name, config, data, model) for ``--student`` given as a run directory or as a model name
     with ``--weights`` and ``--data``; the data defaults to the run's."""
     run_dir = Path(student)

@@ -120,7 +120,11 @@ def export_cli(args: argparse.Namespace) -> dict:
         level = root.level
         root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
         try:
-            quantize_dynamic(str(out), str(tmp8), weight_type=QuantType.QInt8)
+            try:
+                quantize_dynamic(str(out), str(tmp8), weight_type=QuantType.QInt8)
+            except Exception as exc:  # as for the export: the first line says what failed
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"wrote '{out}' but could not quantize it to int8: {first}") from None
             os.replace(tmp8, int8_path)
         finally:
             root.setLevel(level)
