@@ -73,6 +73,11 @@ def _score(session, split, batch: int) -> tuple[torch.Tensor, float]:  # noqa: A
     return logits, statistics.median(times)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def export_cli(args: argparse.Namespace) -> dict:
     """Export, then check the file (and its int8 twin with ``--int8``) on the test split."""
     ort = _runtime()
@@ -85,7 +90,7 @@ def export_cli(args: argparse.Namespace) -> dict:
             raise UserError(f"'{path}' already exists; remove it or choose another --out")
     name, cfg, data, model = load_student(args.student, args.weights, args.data, "export")
     deployable = _Deployable(model).eval()
-    sample = data.test.images[:2]
+    sample = data.test.images[:1].repeat(2, 1, 1, 1)  # two images: a batch of one would be traced as fixed
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -94,8 +99,7 @@ def export_cli(args: argparse.Namespace) -> dict:
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                               opset_version=args.opset, external_data=False, verbose=False)
         except Exception as exc:  # the exporter's errors are long; the user needs their first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"could not export '{name}' to ONNX: {first}") from None
+            raise UserError(f"could not export '{name}' to ONNX: {_first_line(exc)}") from None
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -123,8 +127,7 @@ def export_cli(args: argparse.Namespace) -> dict:
             try:
                 quantize_dynamic(str(out), str(tmp8), weight_type=QuantType.QInt8)
             except Exception as exc:  # as for the export: the first line says what failed
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"wrote '{out}' but could not quantize it to int8: {first}") from None
+                raise UserError(f"wrote '{out}' but could not quantize it to int8: {_first_line(exc)}") from None
             os.replace(tmp8, int8_path)
         finally:
             root.setLevel(level)
