@@ -132,6 +132,15 @@ def epoch_batches(
     return batches
 
 
+def _box_sides(s: torch.Tensor, area: tuple[float, float], ratio: tuple[float, float], height: int, width: int,
+               d_area: int, d_ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(a r) and sqrt(a / r) for a box of area a ~ U(area) of the image and log r ~ U(log ratio)."""
+    a = (area[0] + (area[1] - area[0]) * uniform(s, d_area)) * height * width
+    lo, hi = torch.tensor(ratio, dtype=torch.float64).log()
+    r = (lo + (hi - lo) * uniform(s, d_ratio)).exp()
+    return (a * r).sqrt(), (a / r).sqrt()
+
+
 def resized_crop_batch(images: torch.Tensor, seeds: torch.Tensor, scale: float, hflip: bool,
                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """Random-resized crop (Szegedy et al., *Going Deeper with Convolutions*, CVPR 2015; the
@@ -151,11 +160,8 @@ def resized_crop_batch(images: torch.Tensor, seeds: torch.Tensor, scale: float, 
         raise ValueError(f"crop scale must lie in (0, 1], got {scale}")
     n, _, height, width = images.shape
     s = seeds.to(torch.int64)
-    area = (scale + (1.0 - scale) * uniform(s, _DOMAIN_AREA)) * height * width
-    lo, hi = torch.tensor(ratio, dtype=torch.float64).log()
-    r = (lo + (hi - lo) * uniform(s, _DOMAIN_RATIO)).exp()
-    w = (area * r).sqrt().clamp(1.0, width)
-    h = (area / r).sqrt().clamp(1.0, height)
+    w, h = _box_sides(s, (scale, 1.0), ratio, height, width, _DOMAIN_AREA, _DOMAIN_RATIO)
+    w, h = w.clamp(1.0, width), h.clamp(1.0, height)
     y0 = (height - h) * uniform(s, _DOMAIN_CY)
     x0 = (width - w) * uniform(s, _DOMAIN_CX)
     dev = images.device
@@ -191,11 +197,8 @@ def erase_batch(images: torch.Tensor, seeds: torch.Tensor, prob: float,
     n, c, height, width = images.shape
     s = seeds.to(torch.int64)
     on = uniform(s, _DOMAIN_ERASE) < prob
-    a = (area[0] + (area[1] - area[0]) * uniform(s, _DOMAIN_EAREA)) * height * width
-    lo, hi = torch.tensor(ratio, dtype=torch.float64).log()
-    r = (lo + (hi - lo) * uniform(s, _DOMAIN_ERATIO)).exp()
-    h = (a * r).sqrt().round().clamp(1, height).long()
-    w = (a / r).sqrt().round().clamp(1, width).long()
+    h, w = _box_sides(s, area, ratio, height, width, _DOMAIN_EAREA, _DOMAIN_ERATIO)
+    h, w = h.round().clamp(1, height).long(), w.round().clamp(1, width).long()
     y0 = ((height - h + 1) * uniform(s, _DOMAIN_EY)).long()
     x0 = ((width - w + 1) * uniform(s, _DOMAIN_EX)).long()
     dev = images.device
