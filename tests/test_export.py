@@ -60,7 +60,68 @@ def test_export_matches_pytorch_and_eval(token_student: Path, tmp_path: Path) ->
         assert logits.shape == (n, 10) and torch.allclose(torch.from_numpy(logits), want, atol=1e-4)
 
     q = got["int8"]
+    assert q["mode"] == "dynamic" and q["calibration_images"] is None  # a bare --int8
+    assert "DynamicQuantizeLinear" in {n.op_type for n in __import__("onnx").load(q["onnx"]).graph.node}
     assert Path(q["onnx"]).is_file() and q["bytes"] < 0.6 * got["bytes"]  # int8 weights: under 60 % of fp32
+    assert q["agreement_with_fp32"] >= 0.9 and abs(q["top1"] - got["top1_onnx"]) <= 0.05
+
+
+def test_static_int8_fixes_activation_ranges_from_the_calibration_images(token_student: Path, tmp_path: Path) -> None:
+    """``--int8 static``: Jacob et al.'s affine map with each activation's range fixed by min/max
+    calibration, checked on the patch embedding's input, whose range the calibration images set."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from vitdistill.export import check_onnx
+    from vitdistill.models import InputPrep
+
+    out = tmp_path / "student.onnx"
+    got = _json(run_cli_fast("export", "--student", str(token_student), "--out", str(out), "--int8", "static",
+                             "--calib", "8", "--threads", "1"))
+    q = got["int8"]
+    assert q["mode"] == "static" and q["calibration_images"] == 8
+    check_onnx(Path(q["onnx"]))
+    graph = onnx.load(q["onnx"]).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DynamicQuantizeLinear" not in ops  # ranges are constants, not computed
+    assert "LayerNormalization" in ops and "Softmax" in ops  # left in float
+    assert not list(tmp_path.glob(".*"))  # neither the temporary file nor the pre-processed copy is left
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    weight = producer[conv.input[1]]
+    assert weight.op_type == "DequantizeLinear" and inits[weight.input[0]].dtype == np.int8
+    assert inits[weight.input[1]].shape == (inits[weight.input[0]].shape[0],)  # one scale per output channel
+    consumers = {i: n for n in graph.node for i in n.input}
+    first_norm = next(n for n in graph.node if n.op_type == "LayerNormalization")  # block 0's norm1
+    quant = consumers[first_norm.output[0]]
+    assert quant.op_type == "QuantizeLinear"
+    scale, zero = float(inits[quant.input[1]]), int(inits[quant.input[2]])
+
+    # the same 8 training images the export drew, through the student's own input preparation and
+    # block 0's first LayerNorm: their min and max fix the scale and the zero point
+    import timm
+    from safetensors.torch import load_file
+
+    spec = json.loads((token_student / "summary.json").read_text())["timm_spec"]
+    model = timm.create_model(spec["name"], **spec["kwargs"])
+    model.load_state_dict(load_file(token_student / "model.safetensors"))
+    model.eval()
+    train = load_data("digits").train.images
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:8]
+    seen = []
+    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(InputPrep.for_model(model)(train[pick]))
+    lo, hi = min(float(seen[0].min()), 0.0), max(float(seen[0].max()), 0.0)  # the range always holds zero
+    want = (hi - lo) / 255
+    assert abs(scale - want) < 1e-4 * want and zero == round(-128 - lo / want)
+    with torch.no_grad():
+        model(InputPrep.for_model(model)(train[-8:]))
+    other = (max(float(seen[1].max()), 0.0) - min(float(seen[1].min()), 0.0)) / 255
+    assert abs(other - want) > 1e-3 * want  # so the check above tells which images calibrated
+    assert q["bytes"] < 0.35 * got["bytes"]  # int8 MatMul, Gemm and Conv weights: about a quarter
     assert q["agreement_with_fp32"] >= 0.9 and abs(q["top1"] - got["top1_onnx"]) <= 0.05
 
 
@@ -75,6 +136,9 @@ def test_bad_export_inputs_end_in_one_line(token_student: Path, tmp_path: Path, 
     taken.write_bytes(b"")
     fails("--student", str(token_student), "--out", str(taken), says="already exists")
     fails("--student", "deit_femto_distilled_patch4_16", "--out", str(tmp_path / "a.onnx"), says="--weights")
+    fails("--student", str(token_student), "--out", str(tmp_path / "c.onnx"), "--int8", "static", "--calib", "0",
+          says="at least one calibration image")
+    assert not (tmp_path / "c.onnx").exists()
     real_import = __import__
 
     def no_onnxruntime(name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202

@@ -271,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data source, for the class count, input size and the check (default: the run's)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
-    p.add_argument("--int8", action="store_true", help="also write OUT.int8.onnx, dynamically quantized, and score it")
+    p.add_argument("--int8", nargs="?", const="dynamic", choices=("dynamic", "static"), default=None,
+                   help="also write OUT.int8.onnx and score it: 'dynamic' (the default) quantizes the weights and "
+                   "each activation's range at run time, 'static' fixes the activation ranges from --calib "
+                   "training images")
+    p.add_argument("--calib", type=int, default=256, help="training images that calibrate --int8 static")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the check (default: its own)")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_export)

@@ -7,9 +7,18 @@ nothing has to be re-implemented beside it. A distillation-token student gives D
 its two heads, as ``vitdistill eval`` scores it. The export uses ``torch.onnx.export`` (the
 ``torch.export`` based exporter); the check runs the file in ONNX Runtime over the test split and
 reports its top-1 beside PyTorch's, the largest logit difference and the latency at batch 1.
-``--int8`` also writes ONNX Runtime's dynamic int8 quantization of the weights (Jacob et al.,
-*Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference*,
-CVPR 2018) and scores it the same way.
+``--int8`` also writes an int8 twin (Jacob et al., *Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference*, CVPR 2018) and scores it the same way. Each float
+tensor ``x`` of a quantized operator is stored as ``q = clamp(round(x / s) + z, -128, 127)`` and
+read back as ``s * (q - z)``:
+
+- ``--int8`` or ``--int8 dynamic``: the weights of every MatMul are int8, and each activation's
+  scale ``s`` is computed from its own range at run time (ONNX Runtime's ``quantize_dynamic``).
+- ``--int8 static``: the weights of MatMul, Gemm and Conv are int8 per output channel, and each
+  activation's scale and zero point are fixed from its min and max over ``--calib`` training images
+  (``quantize_static``, QDQ format, int8 activations: ONNX Runtime's recommended S8S8). The graph
+  then needs no float range arithmetic at run time, the form that integer-only accelerators and
+  their runtimes take. LayerNorm, softmax and GELU stay in float, where a ViT's outliers live.
 """
 from __future__ import annotations
 
@@ -73,6 +82,47 @@ def _score(session, split, batch: int) -> tuple[torch.Tensor, float]:  # noqa: A
     return logits, statistics.median(times)
 
 
+def _calibration_reader(images: torch.Tensor, n: int, batch: int):  # noqa: ANN202
+    """A fixed sample of ``n`` training images (seed 0, no augmentation) in batches, as
+    ``quantize_static`` reads them."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+    chunks = [images[pick[i:i + batch]].numpy() for i in range(0, len(pick), batch)]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = iter(chunks)
+
+        def get_next(self) -> dict | None:
+            chunk = next(self.left, None)
+            return None if chunk is None else {"images": chunk}
+
+        def rewind(self) -> None:
+            self.left = iter(chunks)
+
+    return _Reader()
+
+
+def _quantize(src: Path, dst: Path, mode: str, train_images: torch.Tensor, calib: int) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if mode == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        return
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # shapes and constant folding first, as ONNX Runtime advises for static quantization
+    pre = dst.with_name(dst.name + ".pre")
+    try:
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(dst), _calibration_reader(train_images, calib, 32),
+                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    finally:
+        pre.unlink(missing_ok=True)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -81,6 +131,8 @@ def _first_line(exc: BaseException) -> str:
 def export_cli(args: argparse.Namespace) -> dict:
     """Export, then check the file (and its int8 twin with ``--int8``) on the test split."""
     ort = _runtime()
+    if args.calib < 1:
+        raise UserError(f"--calib {args.calib}: static int8 needs at least one calibration image, e.g. --calib 256")
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise UserError(f"--out '{out}' should name an .onnx file, e.g. runs/NAME/student.onnx")
@@ -117,15 +169,14 @@ def export_cli(args: argparse.Namespace) -> dict:
               "agreement_onnx_torch": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean()),
               "latency_ms_b1_onnxruntime": round(latency, 4)}
     if args.int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
+        calib = min(args.calib, len(data.train)) if args.int8 == "static" else None
         tmp8 = int8_path.with_name(f".{int8_path.name}.{os.getpid()}.tmp")
         root = logging.getLogger()
         level = root.level
-        root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
+        root.setLevel(logging.ERROR)  # its advice to pre-process is taken (static) or beside the point (dynamic)
         try:
             try:
-                quantize_dynamic(str(out), str(tmp8), weight_type=QuantType.QInt8)
+                _quantize(out, tmp8, args.int8, data.train.images, calib or 0)
             except Exception as exc:  # as for the export: the first line says what failed
                 raise UserError(f"wrote '{out}' but could not quantize it to int8: {_first_line(exc)}") from None
             os.replace(tmp8, int8_path)
@@ -133,7 +184,8 @@ def export_cli(args: argparse.Namespace) -> dict:
             root.setLevel(level)
             tmp8.unlink(missing_ok=True)
         q_logits, q_latency = _score(_session(ort, int8_path, args.threads), data.test, args.batch_size)
-        result["int8"] = {"onnx": str(int8_path), "bytes": int8_path.stat().st_size,
+        result["int8"] = {"mode": args.int8, "calibration_images": calib,
+                          "onnx": str(int8_path), "bytes": int8_path.stat().st_size,
                           "top1": accuracy(q_logits, data.test.labels)["top1"],
                           "agreement_with_fp32": float((q_logits.argmax(1) == onnx_logits.argmax(1)).float().mean()),
                           "latency_ms_b1_onnxruntime": round(q_latency, 4)}
