@@ -30,6 +30,18 @@ def test_mixed_sample_is_pure_function_of_seed_epoch_index() -> None:
     assert t.shape == (3, 4) and torch.allclose(t.sum(1), torch.ones(3))
 
 
+def test_only_mixed_samples_augment_a_partner_and_the_batch_is_unchanged() -> None:
+    imgs, labels = _images(40), torch.arange(40) % 4
+    aug = Augment(seed=5, pad=2, hflip=True, mix_prob=0.5, cutmix_share=0.5, erase_prob=0.5)
+    idx = torch.arange(40).flip(0)
+    plan = aug.plan(len(imgs), (8, 8), idx, 1)
+    assert 0 < int(plan.mixed.sum()) < 40
+    every_partner = mix_images(aug._aug(imgs, idx, 1), aug._aug(imgs, plan.partner, 1), plan)  # the plain way
+    images, targets = aug.batch(imgs, labels, idx, 1, 4)
+    assert torch.equal(images, every_partner)
+    assert torch.equal(targets, mix_targets(labels[idx], labels[plan.partner], plan, 4))
+
+
 def test_plan_boxes_and_weights() -> None:
     n, size = 50, (8, 8)
     idx = torch.arange(n)

@@ -131,7 +131,13 @@ class Augment:
         if self.mix_prob <= 0:
             return own, labels
         plan = self.plan(len(all_images), tuple(all_images.shape[-2:]), idx, epoch)
-        images = mix_images(own, self._aug(all_images, plan.partner, epoch), plan)
+        # only mixed samples need their partner's view, and each view is a pure function of the
+        # partner's index, so the rest keep their own (mix_images never reads them)
+        rows = plan.mixed.nonzero().squeeze(1)
+        other = own.clone()
+        if len(rows):
+            other[rows.to(own.device)] = self._aug(all_images, plan.partner[rows], epoch)
+        images = mix_images(own, other, plan)
         if labels is None:
             return images, None
         return images, mix_targets(labels, all_labels[plan.partner.to(all_labels.device)], plan, num_classes)
