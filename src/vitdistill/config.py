@@ -68,6 +68,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     stop_after: int | None = None  # end this invocation after N epochs; --resume continues the run
+    ema_decay: float | None = None  # model EMA of the student (e.g. DeiT's 0.99996); it is evaluated and saved
+    ema_warmup: bool = True  # timm's EMA warm-up: decay min(ema_decay, 1 - t^(-2/3)) at update t
 
 
 @dataclass

@@ -16,6 +16,7 @@ from vitdistill.config import Config
 from vitdistill.data import DataSplit
 from vitdistill.engine import distributed as dist
 from vitdistill.engine import io, speed
+from vitdistill.engine.ema import check_ema, make_ema
 from vitdistill.engine.evaluate import accuracy
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_names, teacher_side
@@ -97,6 +98,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     speed.check_compile(cfg.train)
+    check_ema(cfg.train)
     speed.optimizer_kernel(cfg.train, device)
     with dist.local_main_first():  # one decode per node; the node's other processes read its cache
         data = load_run_data(cfg)
@@ -142,6 +144,12 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, metrics, wall_before = state["epoch"], list(state["metrics"]), state["wall_s"]
+    ema = make_ema(student, cfg.train)
+    if ema is not None and resume and exists:
+        if "ema" not in state:
+            raise UserError(f"cannot resume '{out}' with train.ema_decay: its checkpoint holds no averaged weights; "
+                            "resume without it or choose a new --out")
+        ema.load_state_dict(state["ema"])
 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +165,9 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     def student_eval(images: torch.Tensor) -> torch.Tensor:
         return run_student(prep(images))
 
+    def ema_eval(images: torch.Tensor) -> torch.Tensor:
+        return ema.module(prep(images))
+
     teacher_pred, teacher_acc = None, None
     if side is not None and side.test_logits is not None:
         teacher_pred, teacher_acc = side.test_logits.argmax(1), accuracy(side.test_logits, data.test.labels)
@@ -167,12 +178,15 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
         row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
                                augment=augment, taps=taps, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
                                epoch=epoch, device=device, num_classes=data.num_classes,
-                               desc=f"{mode} {epoch + 1}/{cfg.train.epochs}", step_module=step_module))
+                               desc=f"{mode} {epoch + 1}/{cfg.train.epochs}", step_module=step_module, ema=ema))
         student.eval()
         # each rank evaluates its block of test batches; the logits are gathered on every rank
-        acc = accuracy(dist.predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels,
-                       teacher_pred)
+        acc = accuracy(dist.predict(ema_eval if ema is not None else student_eval, data.test,
+                                    cfg.train.eval_batch_size, device), data.test.labels, teacher_pred)
         row.update({f"test_{k}": v for k, v in acc.items()})
+        if ema is not None:  # the averaged student is the one scored and saved; the live one beside it
+            live = accuracy(dist.predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels)
+            row["test_live_top1"] = live["top1"]
         metrics.append(row)
         wall = wall_before + time.perf_counter() - started
         if dist.is_main():  # the state dicts are the plain student's and method's, never DDP's
@@ -181,7 +195,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
             io.write_torch(ckpt_path, {
                 "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
-                "config": json.dumps(resolved),
+                "config": json.dumps(resolved), **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < cfg.train.epochs:
             if dist.is_main():
@@ -191,7 +205,8 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
             return {"stopped_after_epoch": epoch + 1, "epochs": cfg.train.epochs, "out": str(out)}
     wall = wall_before + time.perf_counter() - started
     if dist.is_main():
-        summary = _finish(cfg, mode, out, student, method, side, spec, data, metrics, teacher_acc, wall, device)
+        final = ema.module if ema is not None else student
+        summary = _finish(cfg, mode, out, final, method, side, spec, data, metrics, teacher_acc, wall, device)
     else:
         summary = None
     return dist.broadcast(summary)  # waits for rank 0's files; every process returns the same summary
@@ -244,6 +259,8 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
 def _epoch_line(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"train_top1 {row['train_top1']:.4f}",
              f"test_top1 {row['test_top1']:.4f}"]
+    if "test_live_top1" in row:  # with train.ema_decay test_top1 is the average's
+        parts.append(f"live_top1 {row['test_live_top1']:.4f}")
     if "test_agreement" in row:
         parts.append(f"agreement {row['test_agreement']:.4f}")
     parts.append(f"{row['img_s']:.0f} img/s")

@@ -101,13 +101,15 @@ def train_epoch(
     num_classes: int,
     desc: str = "",
     step_module: torch.nn.Module | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict:
     """One epoch; returns the mean of every loss part, train accuracy, lr and images per second.
 
     ``step_module`` is the student and method as one :class:`~vitdistill.engine.distributed.TrainStep`,
     wrapped in ``DistributedDataParallel`` under several processes; built here when not given. Under
     several processes each rank trains on its slice of every global batch and the metrics are summed
-    over the ranks, so every rank returns the same figures a single process would.
+    over the ranks, so every rank returns the same figures a single process would. ``ema``, when
+    given, averages the student's weights after every step (engine/ema.py).
     """
     rank, world = dist.rank(), dist.world_size()
     # dropout and drop-path draw from the global generator: a pure function of (seed, epoch), per rank
@@ -142,6 +144,8 @@ def train_epoch(
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(student)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach().float() * len(idx)
         correct += (logits.argmax(dim=1) == hard).sum()

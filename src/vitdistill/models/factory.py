@@ -40,11 +40,11 @@ _VIT_STATS = dict(pretrained_cfg_overlay=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.
 for _name, _cfg in {
     "vit_femto_patch4_16": TinyConfig("vit_tiny_patch16_224", _VIT_FEMTO, "ViT, 16 px, 16 patches, width 64, depth 4"),
     "deit_femto_distilled_patch4_16": TinyConfig(
-        "deit_tiny_distilled_patch16_224", {**_VIT_FEMTO, **_VIT_STATS}, "same with DeiT's distillation token"
+        "deit_tiny_distilled_patch16_224", {**_VIT_FEMTO, **_VIT_STATS}, "vit_femto_patch4_16 with DeiT's distillation token"
     ),
     "vit_pico_patch4_32": TinyConfig("vit_tiny_patch16_224", _VIT_PICO, "ViT, 32 px, 64 patches, width 96, depth 6"),
     "deit_pico_distilled_patch4_32": TinyConfig(
-        "deit_tiny_distilled_patch16_224", {**_VIT_PICO, **_VIT_STATS}, "same with DeiT's distillation token"
+        "deit_tiny_distilled_patch16_224", {**_VIT_PICO, **_VIT_STATS}, "vit_pico_patch4_32 with DeiT's distillation token"
     ),
     "resnet_small_cnn": TinyConfig(
         "resnet18",

@@ -34,7 +34,7 @@ from vitdistill.report.tables import format_value, markdown_table
 CSV_COLUMNS = ["rank", "label", "role", "method", "student", "teacher", "n_seeds", "top1_mean", "top1_std",
                "gain_pts", "gain_ci95_lo", "gain_ci95_hi", "agreement", "teacher_top1", "kept", "params", "flops",
                "latency_ms_b1", "throughput_img_s", "peak_mem_mb", "wall_s", "latency_band", "best_in_band"]
-PICTURES = [("accuracy_vs_latency.png", "Top-1 against CPU latency at batch 1"),
+PICTURES = [("accuracy_vs_latency.png", "Top-1 against latency at batch 1"),
             ("accuracy_vs_params.png", "Top-1 against parameters"),
             ("learning_curves.png", "Test top-1 per epoch")]
 _DISPLAY = [("best", "best"), ("rank", "#"), ("label", "cell"), ("method", "method"), ("student", "model"),
