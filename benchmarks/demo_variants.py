@@ -89,6 +89,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
         ("ra-e60", {"crop_scale": 0.35, "randaugment": "rand-m9-mstd0.5-inc1"}),
         ("deit-aug-e60", {"crop_scale": 0.35, "randaugment": "rand-m9-mstd0.5-inc1", "erase_prob": 0.25}))},
     "erase": {"teacher": {"data": {"erase_prob": 0.25}}, "students": {"data": {"erase_prob": 0.25}}},
+    # model EMA of both students (train.ema_decay, timm's warm-up): the seed noise of a run's last
+    # epochs is what swamps the effect on 359 test digits
+    "ema": {"students": {"train": {"ema_decay": 0.998}}},
+    "rrc-e60-ema": {"teacher": {"data": {"crop_scale": 0.35}},
+                    "students": {"data": {"crop_scale": 0.35}, "train": {"epochs": 60, "ema_decay": 0.998}}},
     # the distillation-token student as registered before 427cf22: timm DeiT's ImageNet mean and std
     # while the no-KD ViT keeps 0.5 / 0.5 (the comparison of the first six rounds)
     "imagenet-stats": {"distilled": {"model": {"student_kwargs": {"pretrained_cfg_overlay": {

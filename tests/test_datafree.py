@@ -186,8 +186,16 @@ def test_bad_inputs_end_in_one_line(digits_teacher: Path, tmp_path: Path) -> Non
 
     fails(*base, says="needs --out DIR")
     fails(*base, "--out", str(tmp_path / "few"), "--images", "5", says="at least one image per class")
-    fails("synthesize", "--data", "digits", "--teacher", "vit_femto_patch4_16", "--out", str(tmp_path / "vit"),
-          *SMALL, says="no BatchNorm2d layer")
+    from safetensors.torch import save_file
+
+    from vitdistill.models import create_model
+
+    vit_weights = tmp_path / "vit.safetensors"  # any ViT's weights: it has no BatchNorm to invert
+    save_file(create_model("vit_femto_patch4_16", 10, 16)[0].state_dict(), vit_weights)
+    fails("synthesize", "--data", "digits", "--teacher", "vit_femto_patch4_16", "--teacher-weights", str(vit_weights),
+          "--out", str(tmp_path / "vit"), *SMALL, says="no BatchNorm2d layer")
+    fails("synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--out", str(tmp_path / "vit"),
+          *SMALL, says="a random teacher teaches nothing")
     assert not (tmp_path / "vit").exists() and not (tmp_path / "few").exists()
     fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.bn_wieght=1", says="did you mean 'bn_weight'")
     fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.base_size=17", says="synth.base_size must lie")

@@ -147,7 +147,7 @@ def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field, change", [
-    ("teacher_hash", {"model": {"teacher_weights": None}}),
+    ("teacher_hash", {"model": {"teacher_weights": "OTHER"}}),  # the same architecture, other weights
     ("train_limit", {"data": {"train_limit": LIMIT - 1}}),
     ("data", {"data": {"img_size": 12}}),
     ("pad", {"data": {"pad": 1}}),
@@ -164,6 +164,14 @@ def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:
 def test_header_mismatch_is_named(teacher_run: Path, tmp_path: Path, field: str, change: dict) -> None:
     base = _cfg(teacher_run)
     cache_teacher(base, str(tmp_path / "c"))
+    if change.get("model", {}).get("teacher_weights") == "OTHER":
+        from safetensors.torch import save_file
+
+        from vitdistill.models import create_model
+
+        other = tmp_path / "other.safetensors"
+        save_file(create_model("resnet_micro_cnn", 10, 16)[0].state_dict(), other)
+        change = {"model": {"teacher_weights": str(other)}}
     layers = [json.loads(json.dumps(base.to_dict())), change]
     cfg = build_config(layers)
     data = load_run_data(cfg)

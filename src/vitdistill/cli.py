@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -158,6 +159,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vitdistill.demo import run_demo
 
+    if not args.scale > 0 or args.scale == float("inf"):
+        raise UserError(f"--scale {args.scale}: give a positive number (1 is the demo, tests use 0.1)")
+    from vitdistill.engine.io import check_folder
+
+    check_folder(args.out)
     run_demo(Path(args.out), seed=args.seed, epochs_scale=args.scale)
     return 0
 
@@ -187,8 +193,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: the usage block is what ``--help`` is for."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitdistill", description="Compress Vision Transformers by distillation.")
+    parser = _Parser(prog="vitdistill", description="Compress Vision Transformers by distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on labels (a teacher, or a no-KD baseline)")

@@ -468,6 +468,7 @@ def compare_cli(args: Any) -> int:
     base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else [])
     spec = parse_spec(section, build_config(base).model.student)
     shard = parse_shard(getattr(args, "shard", None))
+    io.check_folder(out)
     teacher, caches, every_run = plan(spec, base, out)
     runs = take_shard(every_run, shard)
     if args.dry_run:

@@ -6,6 +6,7 @@ its run directory and can be re-run with ``--config runs/NAME/config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,8 @@ def _fill(obj: Any, values: dict, prefix: str) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise UserError(f"config key '{dotted}' is not a name; keys are words such as {', '.join(names[:3])}")
         if key not in names:
             raise UserError(
                 f"unknown config key '{dotted}'{did_you_mean(key, names)}; known keys under "
@@ -186,9 +189,11 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML config with ``safe_load`` (no tags that execute code)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read config '{path}': {exc.strerror}; check the path") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config '{path}' is not UTF-8 text; give a YAML file") from None
     try:
         data = _safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -216,6 +221,43 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def _at_least(low: float) -> tuple:
+    return (lambda v: math.isfinite(v) and v >= low), f"a number >= {low:g}"
+
+
+def _above(low: float) -> tuple:
+    return (lambda v: math.isfinite(v) and v > low), f"a number > {low:g}"
+
+
+# Ranges of the plain numeric keys (None passes where a key allows it), checked when the config
+# is built: before a run folder exists, and in words rather than as an error from deep in torch.
+_RANGES: dict[tuple[str, str], tuple] = {
+    ("train", "epochs"): _at_least(1), ("train", "batch_size"): _at_least(1), ("train", "lr"): _above(0),
+    ("train", "min_lr"): _at_least(0), ("train", "weight_decay"): _at_least(0),
+    ("train", "warmup_epochs"): _at_least(0), ("train", "clip_grad"): _above(0),
+    ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    ("train", "eval_batch_size"): _at_least(1), ("train", "threads"): _at_least(1), ("train", "seed"): _at_least(0),
+    ("train", "stop_after"): _at_least(1), ("data", "pad"): _at_least(0), ("data", "train_limit"): _at_least(1),
+    ("data", "test_limit"): _at_least(1), ("data", "img_size"): _at_least(1),
+}
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("train", "amp"): ("auto", "bf16", "off"),  # train.optimizer has its own check (engine/speed.py)
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """One-line errors for numeric keys out of range and for choices that are not among the known."""
+    for (section, key), (ok, what) in _RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and not ok(value):
+            raise UserError(f"config key '{section}.{key}' must be {what}, got {value!r}; fix it in the config or --set")
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise UserError(f"{section}.{key} must be one of {', '.join(choices)}, not {value!r}"
+                            f"{did_you_mean(str(value), list(choices))}")
+
+
 def build_config(layers: list[dict]) -> Config:
     """Apply config layers in order (file, then CLI flags, then --set overrides) onto the defaults."""
     cfg = Config()
@@ -223,4 +265,5 @@ def build_config(layers: list[dict]) -> Config:
         _fill(cfg, layer, "")
     if not isinstance(cfg.method.get("name"), str):
         raise UserError("config key 'method.name' must be a method name; `vitdistill methods` lists them")
+    check_ranges(cfg)
     return cfg

@@ -67,6 +67,8 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
     logits = predict(lambda x: model(prep(x)), data.test, args.batch_size, device)
     teacher_pred = None
     if args.teacher:
+        if not args.teacher_weights:
+            raise UserError(f"agreement with teacher '{args.teacher}' needs its weights; pass --teacher-weights FILE")
         tmodel, _ = create_model(args.teacher, data.num_classes, data.img_size, weights=args.teacher_weights)
         teacher = Teacher(tmodel).to(device)
         teacher_pred = predict(lambda x: teacher(x)["logits"], data.test, args.batch_size, device).argmax(1)

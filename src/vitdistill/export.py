@@ -60,11 +60,16 @@ def _runtime():  # noqa: ANN202
     return onnxruntime
 
 
-def _session(ort, path: Path, threads: int | None):  # noqa: ANN001, ANN202
+def _open(ort, path: Path, threads: int | None, name: str):  # noqa: ANN001, ANN202
+    """An ONNX Runtime session on the CPU, or a one-line error when the runtime refuses the file."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # e.g. an opset this ONNX Runtime does not implement
+        raise UserError(f"ONNX Runtime cannot run the export of '{name}': {_first_line(exc)}; "
+                        "try the default --opset 18") from None
 
 
 def _score(session, split, batch: int) -> tuple[torch.Tensor, float]:  # noqa: ANN001
@@ -133,6 +138,15 @@ def export_cli(args: argparse.Namespace) -> dict:
     ort = _runtime()
     if args.calib < 1:
         raise UserError(f"--calib {args.calib}: static int8 needs at least one calibration image, e.g. --calib 256")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give at least 1, or leave it out for ONNX Runtime's own")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 18 <= args.opset <= newest:  # torch's exporter writes opset 18 and up; onnx here knows up to newest
+        raise UserError(f"--opset {args.opset}: give an opset from 18 to {newest} (default 18)")
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise UserError(f"--out '{out}' should name an .onnx file, e.g. runs/NAME/student.onnx")
@@ -140,55 +154,57 @@ def export_cli(args: argparse.Namespace) -> dict:
     for path in (out, int8_path) if args.int8 else (out,):
         if path.exists():
             raise UserError(f"'{path}' already exists; remove it or choose another --out")
+    from vitdistill.engine.io import check_folder
+
+    check_folder(out)  # a file where a folder above it should be
     name, cfg, data, model = load_student(args.student, args.weights, args.data, "export")
     deployable = _Deployable(model).eval()
     sample = data.test.images[:1].repeat(2, 1, 1, 1)  # two images: a batch of one would be traced as fixed
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    tmp8 = int8_path.with_name(f".{int8_path.name}.{os.getpid()}.tmp")
+    try:  # both files are scored under temporary names and renamed only once everything has passed
         try:
             torch.onnx.export(deployable, (sample,), str(tmp), dynamo=True, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                               opset_version=args.opset, external_data=False, verbose=False)
         except Exception as exc:  # the exporter's errors are long; the user needs their first line
             raise UserError(f"could not export '{name}' to ONNX: {_first_line(exc)}") from None
+        with torch.no_grad():
+            torch_logits = predict(deployable, data.test, args.batch_size, torch.device("cpu"))
+        onnx_logits, latency = _score(_open(ort, tmp, args.threads, name), data.test, args.batch_size)
+        result = {"model": name, "data": cfg.data.source, "n": len(data.test), "onnx": str(out),
+                  "bytes": tmp.stat().st_size, "opset": args.opset,
+                  "input": {"name": "images", "dtype": "uint8", "shape": ["batch", data.in_chans, data.img_size,
+                                                                       data.img_size]},
+                  "max_abs_logit_diff": float((onnx_logits - torch_logits).abs().max()),
+                  "top1_torch": accuracy(torch_logits, data.test.labels)["top1"],
+                  "top1_onnx": accuracy(onnx_logits, data.test.labels)["top1"],
+                  "agreement_onnx_torch": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean()),
+                  "latency_ms_b1_onnxruntime": round(latency, 4)}
+        if args.int8:
+            calib = min(args.calib, len(data.train)) if args.int8 == "static" else None
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # its advice to pre-process is taken (static) or beside the point (dynamic)
+            try:
+                _quantize(tmp, tmp8, args.int8, data.train.images, calib or 0)
+            except Exception as exc:  # as for the export: the first line says what failed
+                raise UserError(f"could not quantize '{name}' to int8 ({args.int8}): {_first_line(exc)}; "
+                                "nothing was written, export without --int8 or try the other mode") from None
+            finally:
+                root.setLevel(level)
+            q_logits, q_latency = _score(_open(ort, tmp8, args.threads, name), data.test, args.batch_size)
+            result["int8"] = {"mode": args.int8, "calibration_images": calib,
+                              "onnx": str(int8_path), "bytes": tmp8.stat().st_size,
+                              "top1": accuracy(q_logits, data.test.labels)["top1"],
+                              "agreement_with_fp32": float((q_logits.argmax(1) == onnx_logits.argmax(1)).float().mean()),
+                              "latency_ms_b1_onnxruntime": round(q_latency, 4)}
+            os.replace(tmp8, int8_path)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-
-    with torch.no_grad():
-        torch_logits = predict(deployable, data.test, args.batch_size, torch.device("cpu"))
-    onnx_logits, latency = _score(_session(ort, out, args.threads), data.test, args.batch_size)
-    result = {"model": name, "data": cfg.data.source, "n": len(data.test), "onnx": str(out),
-              "bytes": out.stat().st_size, "opset": args.opset,
-              "input": {"name": "images", "dtype": "uint8", "shape": ["batch", data.in_chans, data.img_size,
-                                                                   data.img_size]},
-              "max_abs_logit_diff": float((onnx_logits - torch_logits).abs().max()),
-              "top1_torch": accuracy(torch_logits, data.test.labels)["top1"],
-              "top1_onnx": accuracy(onnx_logits, data.test.labels)["top1"],
-              "agreement_onnx_torch": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean()),
-              "latency_ms_b1_onnxruntime": round(latency, 4)}
-    if args.int8:
-        calib = min(args.calib, len(data.train)) if args.int8 == "static" else None
-        tmp8 = int8_path.with_name(f".{int8_path.name}.{os.getpid()}.tmp")
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # its advice to pre-process is taken (static) or beside the point (dynamic)
-        try:
-            try:
-                _quantize(out, tmp8, args.int8, data.train.images, calib or 0)
-            except Exception as exc:  # as for the export: the first line says what failed
-                raise UserError(f"wrote '{out}' but could not quantize it to int8: {_first_line(exc)}") from None
-            os.replace(tmp8, int8_path)
-        finally:
-            root.setLevel(level)
-            tmp8.unlink(missing_ok=True)
-        q_logits, q_latency = _score(_session(ort, int8_path, args.threads), data.test, args.batch_size)
-        result["int8"] = {"mode": args.int8, "calibration_images": calib,
-                          "onnx": str(int8_path), "bytes": int8_path.stat().st_size,
-                          "top1": accuracy(q_logits, data.test.labels)["top1"],
-                          "agreement_with_fp32": float((q_logits.argmax(1) == onnx_logits.argmax(1)).float().mean()),
-                          "latency_ms_b1_onnxruntime": round(q_latency, 4)}
+        tmp8.unlink(missing_ok=True)
     return result
 
 

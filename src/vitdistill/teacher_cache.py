@@ -178,10 +178,11 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
     """
     def prepare() -> tuple[dict, list[int]]:
         nonlocal header
+        io.check_folder(cache_dir, "--cache")
         cache_dir.mkdir(parents=True, exist_ok=True)
         head = cache_dir / "header.json"
         if head.exists():
-            old = json.loads(head.read_text())
+            old = read_header(cache_dir)
             if _core(old) != _core(header):
                 check_header(old, header, cache_dir)  # raises, naming the first field that differs
             header = {**header, "epochs": max(header["epochs"], old["epochs"])}
@@ -235,9 +236,12 @@ def read_header(cache_dir: Path) -> dict:
     if not head.is_file():
         raise UserError(f"'{cache_dir}' is not a teacher cache (no header.json); write one with `vitdistill cache-teacher`")
     try:
-        return json.loads(head.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"teacher cache header '{head}' is corrupt; rerun `vitdistill cache-teacher`") from None
+        header = json.loads(head.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"teacher cache header '{head}' is corrupt; remove the folder and rerun `vitdistill cache-teacher`")
+    return header
 
 
 class CachedTeacher:

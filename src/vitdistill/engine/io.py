@@ -10,6 +10,23 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from vitdistill.errors import UserError
+
+# mkstemp makes its file private (0600); a run's files should read like any other file the user
+# writes, so each one gets the mode the umask gives
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def check_folder(path: str | Path, flag: str = "--out") -> None:
+    """One-line error when ``path``, or the nearest folder above it that exists, is not a folder."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise UserError(f"{flag} '{path}': '{part}' is a file, not a folder; choose another {flag}")
+            return
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temp on failure."""
@@ -17,6 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         write(tmp)
         os.replace(tmp, path)

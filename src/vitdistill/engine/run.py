@@ -76,6 +76,22 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
+_CHECKPOINT_KEYS = ("student", "method", "optimizer", "scheduler", "epoch", "metrics", "wall_s", "config")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The resume state, or a one-line error when the file is not one this engine wrote."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and all(k in state for k in _CHECKPOINT_KEYS):
+            json.loads(state["config"])
+            return state
+    except Exception:  # torch's unpickling errors run to many lines; what the user needs is below
+        pass
+    raise UserError(f"cannot resume: '{path}' is damaged or not a vitdistill checkpoint; remove it to start "
+                    "over, or choose another --out")
+
+
 def run(cfg: Config, mode: str, resume: bool = False) -> dict:
     """Train (``mode="train"``) or distill (``mode="distill"``) and fill the run directory.
 
@@ -90,6 +106,7 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
 
 def _run(cfg: Config, mode: str, resume: bool) -> dict:
     out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
+    io.check_folder(out)
     ckpt_path = out / "checkpoint.pt"
     exists = dist.broadcast(ckpt_path.exists())  # rank 0's view decides, so no rank goes its own way
     if exists and not resume:
@@ -133,7 +150,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     metrics: list[dict] = []
     start_epoch, wall_before = 0, 0.0
     if resume and exists:  # every rank loads the checkpoint (the run directory is shared)
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(ckpt_path)
         saved = json.loads(state["config"])
         diff = _first_difference(_comparable(resolved), _comparable(saved))
         if diff:

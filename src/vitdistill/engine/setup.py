@@ -62,7 +62,7 @@ def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
     """(name, weights) of each teacher; several are given comma-separated: ``--teacher a,b``."""
     names = [n.strip() for n in (cfg.model.teacher or "").split(",") if n.strip()]
     weights = [w.strip() or None for w in cfg.model.teacher_weights.split(",")] if cfg.model.teacher_weights else []
-    if len(names) > 1 and weights and len(weights) != len(names):
+    if (len(names) > 1 and weights and len(weights) != len(names)) or (len(names) == 1 and len(weights) > 1):
         raise UserError(f"{len(names)} teachers but {len(weights)} teacher weights; give one weights file per "
                         "teacher, comma-separated, in the same order")
     return list(zip(names, weights if len(names) > 1 else (weights[:1] or [None])))
@@ -82,6 +82,9 @@ def build_teachers(cfg: Config, data: Dataset, why: str) -> tuple[list[Teacher],
     img_size = None if m.pretrained else data.img_size
     teachers, specs = [], []
     for name, weights in named:
+        if weights is None and not m.pretrained:
+            raise UserError(f"teacher '{name}' has no weights, and a random teacher teaches nothing; pass "
+                            "--teacher-weights FILE (or --set model.pretrained=true for timm's hub weights)")
         model, spec = create_model(name, data.num_classes, img_size, m.teacher_kwargs, m.pretrained, weights)
         teachers.append(Teacher(model))
         specs.append(spec)
