@@ -124,11 +124,16 @@ def test_imagefolder_val_folder_union_classes_and_resize(tmp_path: Path) -> None
     (folder / "val" / "zebra" / "y.png").write_bytes(_image_bytes(rng, "PNG", 10))
     (folder / "train" / "cat" / "._0000.jpg").write_bytes(b"macOS fork, not an image")
     (folder / "notes.txt").write_text("ignored")
+    # a class with test images only would be scored but never trained: an error, not a silent class
+    with pytest.raises(UserError, match=r"class 'zebra' has test images but no training images"):
+        load_data(f"imagefolder:{folder}", cache_dir=tmp_path / "c", img_size=8)
+    (folder / "train" / "zebra").mkdir()
+    (folder / "train" / "zebra" / "z.png").write_bytes(_image_bytes(rng, "PNG", 10))
     with pytest.raises(UserError, match=r"different sizes.*data\.img_size"):
-        load_data(f"imagefolder:{folder}", cache_dir=tmp_path / "c")
-    ds = load_data(f"imagefolder:{folder}", cache_dir=tmp_path / "c", img_size=8)
+        load_data(f"imagefolder:{folder}", cache_dir=tmp_path / "c2")
+    ds = load_data(f"imagefolder:{folder}", cache_dir=tmp_path / "c2", img_size=8)
     assert ds.classes == ["bird", "cat", "dog", "zebra"]
-    assert ds.train.images.shape == (6, 3, 8, 8) and ds.test.labels.tolist() == [1, 3]
+    assert ds.train.images.shape == (7, 3, 8, 8) and ds.test.labels.tolist() == [1, 3]
 
 
 def test_imagefolder_heldout_split(tmp_path: Path) -> None:

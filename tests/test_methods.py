@@ -3,6 +3,7 @@ values, gradients through a tiny real student, and the user errors of building a
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -348,11 +349,19 @@ def test_unknown_knob_lists_the_knobs():
         {"name": "logit-kd", "tau": 0},
         {"name": "deit-soft", "tau": -1.0},
         {"name": "deit-hard", "alpha": 1.5},
-        {"name": "deit-hard", "alpha": "half"},
     ],
 )
 def test_bad_knob_value_is_a_user_error(options):
     with pytest.raises(UserError, match=f"bad knob for method '{options['name']}'"):
+        build_method(options)
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"name": "deit-hard", "alpha": "half"}, "method.alpha of 'deit-hard' expects a number, got 'half'"),
+    ({"name": "logit-kd", "tau": True}, "method.tau of 'logit-kd' expects a number, got True"),
+])
+def test_a_knob_of_the_wrong_type_is_named_with_what_it_expects(options, says):
+    with pytest.raises(UserError, match=re.escape(says)):
         build_method(options)
 
 

@@ -115,7 +115,8 @@ def parse_spec(raw: Any, default_student: str) -> Spec:
         raise UserError(f"'compare.teacher_cache' must be true or false, got {use_cache!r}")
     cells_raw = raw.get("cells")
     if not isinstance(cells_raw, list) or not cells_raw:
-        raise UserError("'compare.cells' is empty; list at least one cell, e.g. - {method: none, student: "
+        what = "is empty" if not cells_raw else f"must be a list of cells, not a {type(cells_raw).__name__}"
+        raise UserError(f"'compare.cells' {what}; list at least one cell, e.g. - {{method: none, student: "
                         "vit_femto_patch4_16}")
     cells = []
     for i, c in enumerate(cells_raw):

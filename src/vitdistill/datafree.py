@@ -168,7 +168,7 @@ def _check_settings(s: SynthConfig, num_classes: int, chans: int, size: int) -> 
     if s.batch_size < 2 or s.iters < 1:
         raise UserError("synth.batch_size must be at least 2 (batch statistics) and synth.iters at least 1")
     if s.jitter < 0 or s.lr <= 0 or min(s.bn_weight, s.tv_weight, s.l2_weight, s.first_bn_scale, s.init_std) < 0:
-        raise UserError("synth.jitter, lr and the loss weights must be non-negative (lr positive)")
+        raise UserError("synth.jitter, init_std, lr and the loss weights must be non-negative (lr positive)")
     if s.base_size is not None and not 1 <= s.base_size <= size:
         raise UserError(f"synth.base_size must lie between 1 and the image size ({size}), got {s.base_size}")
     if s.grey and chans not in (1, 3):

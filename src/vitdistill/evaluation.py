@@ -21,7 +21,8 @@ from vitdistill.report.profile import profile_model
 
 def _run_config(run_dir: Path) -> Config:
     if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml); pass a model name with --weights")
+        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml); give a folder written by "
+                        "`vitdistill train` or `distill`, or a model name")
     return build_config([load_yaml(run_dir / "config.yaml")])
 
 
@@ -43,6 +44,8 @@ def load_student(student: str, weights: str | None, data_spec: str | None,
     with ``--weights`` and ``--data``; the data defaults to the run's."""
     run_dir = Path(student)
     run_cfg = None
+    if "/" in student and ":" not in student and not run_dir.exists():  # a path (hub names hold a colon)
+        raise UserError(f"--student '{student}' does not exist; give a run directory or a model name with --weights")
     if run_dir.is_dir():
         cfg = run_cfg = _run_config(run_dir)
         name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, str(run_dir)
@@ -60,6 +63,8 @@ def load_student(student: str, weights: str | None, data_spec: str | None,
 
 def evaluate_cli(args: argparse.Namespace) -> dict:
     """Top-1/top-5 on the test split, plus agreement with a teacher when one is given."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give at least 1")
     name, cfg, data, model = load_student(args.student, args.weights, args.data, "eval")
     device = pick_device(args.device)
     model.to(device).eval()
@@ -78,6 +83,9 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
 
 def profile_cli(args: argparse.Namespace) -> dict:
     """Parameters, FLOPs, latency at batch 1, throughput and peak memory at ``--batch``."""
+    for flag, value in (("--img-size", args.img_size), ("--num-classes", args.num_classes), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: give at least 1")
     run_dir = Path(args.model)
     num_classes, kwargs, name = args.num_classes, {}, args.model
     img_size = args.img_size
@@ -86,8 +94,12 @@ def profile_cli(args: argparse.Namespace) -> dict:
         cfg = _run_config(run_dir)
         name, kwargs = cfg.model.student, cfg.model.student_kwargs
         if (run_dir / "summary.json").is_file():  # the class count and input size the run trained with
-            summary = json.loads((run_dir / "summary.json").read_text())
-            num_classes = summary["timm_spec"]["kwargs"]["num_classes"]
+            try:
+                summary = json.loads((run_dir / "summary.json").read_text())
+                num_classes = summary["timm_spec"]["kwargs"]["num_classes"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"'{run_dir / 'summary.json'}' is damaged; remove it to profile the run's "
+                                "model at --num-classes, or re-run the training") from None
             img_size = img_size or summary.get("img_size")
     model = _build(name, num_classes, img_size, kwargs, None, cfg)
     size = InputPrep.for_model(model).size or img_size or 32

@@ -85,7 +85,8 @@ def read_archive(path: Path) -> list[Entry]:
                     entries.append(Entry(parts, f.read(), "/".join(parts)))
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise UserError(f"cannot read archive {path}: {e}; re-create or re-download it") from e
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # tarfile's messages can run to several lines
+        raise UserError(f"cannot read archive {path}: {why}; re-create or re-download it") from None
     return entries
 
 

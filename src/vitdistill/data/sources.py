@@ -192,6 +192,7 @@ def _load_imagefolder(
 ) -> Dataset:
     if path.is_dir():
         entries: list[Entry] | None = list_directory(path)
+        _check_no_empty_class(entries)
         inputs = [[e.name, *file_stamp(e.source)] for e in entries if isinstance(e.source, Path)]
     elif path.is_file() and is_archive(path):
         entries, inputs = None, [[path.name, *file_stamp(path)]]
@@ -217,6 +218,17 @@ def _load_imagefolder(
     return _cached(fp, cache_dir, build)
 
 
+def _check_no_empty_class(entries: list[Entry]) -> None:
+    """A folder beside the class folders that holds no image would silently drop its class (and
+    shift every later class index); say so instead."""
+    roots = {e.source.parent.parent for e in entries if isinstance(e.source, Path) and len(e.parts) >= 2}
+    for root in sorted(roots):
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child not in roots and not any(
+                    f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in child.rglob("*")):
+                raise UserError(f"class folder '{child}' holds no images; add some or remove the folder")
+
+
 def _build(
     name: str,
     train_entries: list[Entry],
@@ -233,6 +245,12 @@ def _build(
     classes = sorted({e.parts[0] for e in train_entries + test_list})
     if not classes:
         raise UserError(f"no images inside class folders in {where[0]}; expected <class>/<image>")
+    untrained = sorted(set(classes) - {e.parts[0] for e in train_entries})
+    if untrained:
+        raise UserError(f"class '{untrained[0]}' has test images but no training images in {where[0]}; "
+                        "add training images for it or remove its test folder")
+    if len(classes) < 2:
+        raise UserError(f"only one class ('{classes[0]}') in {where[0]}; a classifier needs at least two class folders")
     index = {c: i for i, c in enumerate(classes)}
     tr_arr, tr_lab, tr_sizes = decode_split(train_entries, index, where[0], img_size, f"decoding {name} train")
     te_arr, te_lab, te_sizes = decode_split(test_list, index, where[1], img_size, f"decoding {name} test")

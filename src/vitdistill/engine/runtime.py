@@ -22,7 +22,7 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' asked for but no CUDA GPU is visible; use --set train.device=cpu")
+        raise UserError(f"device '{name}' asked for but no CUDA GPU is visible; use --device cpu (--set train.device=cpu in a config)")
     return dev
 
 

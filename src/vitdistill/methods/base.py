@@ -134,6 +134,15 @@ def build_method(options: dict, label_smoothing: float = 0.0) -> Method:
         if key not in knobs:
             listed = ", ".join(knobs) or "none"
             raise UserError(f"method '{cls.name}' has no knob '{key}'; its knobs are: {listed}")
+        default = params[key].default
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        value = options[key]
+        if number and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise UserError(f"method.{key} of '{cls.name}' expects a number, got {value!r}")
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"method.{key} of '{cls.name}' expects true or false, got {value!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"method.{key} of '{cls.name}' expects a word, got {value!r}")
     try:
         return cls(label_smoothing=label_smoothing, **options)
     except (TypeError, ValueError) as exc:
