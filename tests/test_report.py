@@ -190,7 +190,7 @@ def test_interrupted_report_keeps_old_files_and_no_temp(
     def fail(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("vitdistill.report.run_report.os.replace", fail)
+    monkeypatch.setattr("vitdistill.engine.io.os.replace", fail)
     with pytest.raises(OSError):
         write_run_report(tmp_path, _metrics(3), {"method": "dist"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "report.png"]

@@ -96,6 +96,9 @@ def save_cached(path: Path, ds: Dataset) -> None:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors' own file mode would keep the cache from other users
         os.replace(tmp, path)
         tmp = None
     except Exception as e:  # disk full, read-only cache dir, ...: the data in memory is still good

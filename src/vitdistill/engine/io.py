@@ -34,9 +34,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after the write: a writer may replace the file it was given
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

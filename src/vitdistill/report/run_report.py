@@ -8,11 +8,10 @@ none, never half a file.
 from __future__ import annotations
 
 import io
-import os
 import pathlib
-import tempfile
 from typing import Any
 
+from vitdistill.engine import io as engine_io
 from vitdistill.report.tables import format_value, markdown_table
 
 # (summary key, label) in the order a reader wants them: what ran, then what it kept and cost.
@@ -46,20 +45,9 @@ _EPOCH_LAST = ["test_top1", "test_top5", "agreement", "lr", "img_s"]
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``.
-
-    ``os.replace`` within one folder is atomic, so readers see the old file or the new one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` through a temporary file and a rename (engine/io.py), so readers see the old
+    file or the new one."""
+    engine_io.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list[Any], list[float]]:

@@ -1,0 +1,170 @@
+"""Bad input found by an audit of every command: each ends in one line, exit code 2, no traceback
+and nothing left behind (tests/test_cli.py and each feature's tests hold the earlier cases)."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli, run_cli_fast, run_cli_here
+
+
+def _fails(*args: str, says: str) -> None:
+    r = run_cli_fast(*args)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+
+
+def _train(out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "vit_femto_patch4_16", "--epochs", "1", *TINY, "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("train.epochs=0", "'train.epochs' must be a number >= 1, got 0"),
+    ("train.batch_size=-4", "'train.batch_size' must be a number >= 1"),
+    ("train.lr=-1", "'train.lr' must be a number > 0"),
+    ("train.lr=.nan", "'train.lr' must be a number > 0"),
+    ("train.min_lr=-1e-5", "'train.min_lr' must be a number >= 0"),
+    ("train.weight_decay=-0.1", "'train.weight_decay' must be a number >= 0"),
+    ("train.warmup_epochs=-1", "'train.warmup_epochs' must be a number >= 0"),
+    ("train.clip_grad=0", "'train.clip_grad' must be a number > 0"),
+    ("train.label_smoothing=2", "'train.label_smoothing' must be a number in [0, 1)"),
+    ("train.eval_batch_size=0", "'train.eval_batch_size' must be a number >= 1"),
+    ("train.threads=-3", "'train.threads' must be a number >= 1"),
+    ("train.stop_after=-1", "'train.stop_after' must be a number >= 1"),
+    ("train.seed=-2", "'train.seed' must be a number >= 0"),
+    ("data.pad=-3", "'data.pad' must be a number >= 0"),
+    ("data.test_limit=-5", "'data.test_limit' must be a number >= 1"),
+    ("data.train_limit=0", "'data.train_limit' must be a number >= 1"),
+    ("train.amp=fp16", "train.amp must be one of auto, bf16, off, not 'fp16' (did you mean 'bf16'?)"),
+])
+def test_out_of_range_settings_are_refused_before_a_run_folder_exists(tmp_path: Path, setting: str, says: str) -> None:
+    _fails(*_train(tmp_path / "run", "--set", setting), says=says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_argparse_errors_are_one_line() -> None:
+    for args, says in ((["train", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'; see `vitdistill train --help`"),
+                       (["methods", "extra"], "unrecognized arguments: extra"),
+                       (["export"], "the following arguments are required: --student, --out")):
+        r = run_cli(*args)  # argparse exits the process: a subprocess shows what a shell sees
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {says}" if says.startswith("argument")
+                                                                       else r.stderr.strip()], r.stderr
+        assert says in r.stderr
+
+
+def test_config_files_that_are_not_named_text(tmp_path: Path) -> None:
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("train: {3: 4}\n")
+    _fails(*_train(tmp_path / "a", "--config", str(numbers)), says="config key 'train.3' is not a name")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    _fails(*_train(tmp_path / "a", "--config", str(binary)), says="is not UTF-8 text")
+
+
+def test_an_out_below_a_file_is_named(teacher_run: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    _fails(*_train(afile), says=f"--out '{afile}': '{afile}' is a file, not a folder")
+    _fails(*_train(afile / "sub"), says=f"'{afile}' is a file, not a folder")
+    _fails("demo", "--out", str(afile / "d"), says="is a file, not a folder")
+    _fails("demo", "--out", str(tmp_path / "d"), "--scale", "nan", says="--scale nan: give a positive number")
+    _fails("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), *TINY,
+           "--cache", str(afile / "c"), says=f"--cache '{afile / 'c'}': '{afile}' is a file, not a folder")
+
+
+def test_damaged_checkpoints_stop_a_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = _train(out, "--set", "train.epochs=2")
+    assert run_cli_here(*args, "--set", "train.stop_after=1") == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    for damage in (os.urandom(5000), good[: len(good) // 2]):
+        (out / "checkpoint.pt").write_bytes(damage)
+        _fails(*args, "--resume", says="is damaged or not a vitdistill checkpoint")
+    torch.save({"student": {}}, out / "checkpoint.pt")  # a torch file, but not ours
+    _fails(*args, "--resume", says="is damaged or not a vitdistill checkpoint")
+
+
+def test_a_teacher_without_weights_is_refused(teacher_run: Path, tmp_path: Path) -> None:
+    _fails("distill", "--teacher", "resnet_micro_cnn", "--student", "vit_femto_patch4_16", "--method", "logit-kd",
+           *TINY, "--out", str(tmp_path / "d"), says="a random teacher teaches nothing")
+    assert not (tmp_path / "d").exists()
+    _fails("distill", "--teacher", "resnet_micro_cnn", "--teacher-weights", f"{teacher_run},{teacher_run}",
+           "--student", "vit_femto_patch4_16", "--method", "logit-kd", *TINY, "--out", str(tmp_path / "d"),
+           says="1 teachers but 2 teacher weights")
+    _fails("eval", "--student", str(teacher_run), "--teacher", "resnet_micro_cnn", says="needs its weights")
+
+
+def test_a_corrupt_cache_header_is_named(teacher_run: Path, tmp_path: Path) -> None:
+    for text in ('{"x": ', "[1, 2]"):
+        cache = tmp_path / "cache"
+        cache.mkdir(exist_ok=True)
+        (cache / "header.json").write_text(text)
+        _fails("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), *TINY,
+               "--cache", str(cache), says="is corrupt; remove the folder")
+        _fails("distill", "--teacher-cache", str(cache), "--student", "vit_femto_patch4_16", "--method", "logit-kd",
+               *TINY, "--out", str(tmp_path / "d"), says="is corrupt; remove the folder")
+
+
+def test_eval_and_profile_sizes_and_paths(teacher_run: Path, tmp_path: Path) -> None:
+    _fails("eval", "--student", str(teacher_run), "--batch-size", "0", says="--batch-size 0: give at least 1")
+    _fails("eval", "--student", str(tmp_path / "nope"), says="does not exist; give a run directory")
+    for flag in ("--img-size", "--num-classes", "--batch"):
+        _fails("profile", "--model", "resnet_micro_cnn", flag, "-8", says=f"{flag} -8: give at least 1")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.yaml").write_text((teacher_run / "config.yaml").read_text())
+    (damaged / "summary.json").write_text('{"a": 1}')
+    _fails("profile", "--model", str(damaged), says="summary.json' is damaged")
+    _fails("profile", "--model", str(tmp_path), says="is not a run directory (no config.yaml)")
+
+
+def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:
+    from PIL import Image
+
+    def folder(name: str, layout: dict[str, int]) -> Path:
+        root = tmp_path / name
+        for rel, count in layout.items():
+            (root / rel).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / rel / f"{i}.png")
+        return root
+
+    empty = folder("empty", {"a": 3, "b": 0, "c": 3})
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{empty}"), says=f"class folder '{empty / 'b'}' holds no images")
+    one = folder("one", {"a": 4})
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{one}"), says="only one class ('a')")
+    test_only = folder("testonly", {"train/a": 2, "train/b": 2, "test/a": 1, "test/c": 1})
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{test_only}"),
+           says="class 'c' has test images but no training images")
+    not_tar = tmp_path / "nottar.tar"
+    not_tar.write_bytes(os.urandom(3000))
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{not_tar}"), says="cannot read archive")
+    assert not (tmp_path / "r").exists()
+
+
+def test_export_checks_its_options_and_leaves_nothing(teacher_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    for extra, says in ((["--batch-size", "0"], "--batch-size 0: give at least 1"),
+                        (["--opset", "3"], "--opset 3: give an opset from 18 to"),
+                        (["--opset", "99"], "--opset 99: give an opset from 18 to"),
+                        (["--threads", "0"], "--threads 0: give at least 1")):
+        _fails("export", "--student", str(teacher_run), "--out", str(tmp_path / "x.onnx"), *extra, says=says)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    _fails("export", "--student", str(teacher_run), "--out", str(afile / "x.onnx"), says="is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_run_files_are_readable_like_any_file_the_user_writes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_cli_here(*_train(out)) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.yaml", "summary.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "report.md", "report.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name  # not mkstemp's 0600
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
