@@ -168,3 +168,9 @@ def test_run_files_are_readable_like_any_file_the_user_writes(tmp_path: Path) ->
     for name in ("config.yaml", "summary.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "report.md", "report.png"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name  # not mkstemp's 0600
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+def test_model_overrides_timm_refuses_are_one_line(tmp_path: Path) -> None:
+    _fails(*_train(tmp_path / "run", "--set", "model.student_kwargs.depth=-1"),
+           says="cannot build 'vit_femto_patch4_16' with {'depth': -1}: ")
+    assert not (tmp_path / "run").exists()

@@ -113,7 +113,9 @@ def create_model(
                 f"cannot fetch pretrained weights for '{name}' ({type(exc).__name__}); "
                 "pass a local file with --teacher-weights/--student-weights instead"
             ) from None
-        raise
+        # timm's own checks of the sizes (a negative depth, a patch that does not divide the image)
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot build '{name}' with {overrides or {}}: {why}; fix model.*_kwargs") from None
     if spec["small_stem"]:
         _apply_small_stem(model)
     spec = {"name": spec["name"], "kwargs": kwargs, "small_stem": spec["small_stem"], "registered": name}
