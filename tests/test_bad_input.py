@@ -144,7 +144,21 @@ def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:
     not_tar = tmp_path / "nottar.tar"
     not_tar.write_bytes(os.urandom(3000))
     _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{not_tar}"), says="cannot read archive")
+    import tarfile
+
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tf:
+        tf.add(empty / "a", arcname="a")
+        tf.add(empty / "c", arcname="c")
+    cut = tmp_path / "cut.tar"
+    with tarfile.open(whole) as tf:
+        at = tf.getmembers()[-2].offset  # the archive cut between two members reads as a shorter one
+    cut.write_bytes(whole.read_bytes()[:at])
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{cut}"), says="is truncated")
+    cut.write_bytes(whole.read_bytes()[:at + 700])  # cut inside a member: tarfile's own error, in one line
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{cut}"), says="cannot read archive")
     assert not (tmp_path / "r").exists()
+    assert run_cli_here(*_train(tmp_path / "r", "--data", f"imagefolder:{whole}")) == 0  # the same tar, whole
 
 
 def test_export_checks_its_options_and_leaves_nothing(teacher_run: Path, tmp_path: Path) -> None:
@@ -174,3 +188,17 @@ def test_model_overrides_timm_refuses_are_one_line(tmp_path: Path) -> None:
     _fails(*_train(tmp_path / "run", "--set", "model.student_kwargs.depth=-1"),
            says="cannot build 'vit_femto_patch4_16' with {'depth': -1}: ")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_cache_shard_is_named_before_the_first_step(teacher_run: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert run_cli_here("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run),
+                        "--epochs", "2", *TINY, "--cache", str(cache)) == 0
+    (cache / "epoch_0001.safetensors").write_bytes(os.urandom(2000))
+    out = tmp_path / "d"
+    _fails("distill", "--teacher-cache", str(cache), "--student", "vit_femto_patch4_16", "--method", "logit-kd",
+           "--epochs", "2", *TINY, "--out", str(out), says="epoch_0001.safetensors' is corrupt")
+    assert not out.exists()  # before: a run folder with epoch 1's checkpoint, then the error
+    (cache / "epoch_0001.safetensors").unlink()
+    _fails("distill", "--teacher-cache", str(cache), "--student", "vit_femto_patch4_16", "--method", "logit-kd",
+           "--epochs", "2", *TINY, "--out", str(out), says="epoch_0001.safetensors' is missing")

@@ -148,6 +148,23 @@ def read_shard(path: Path, digest: str, epoch: int) -> tuple[torch.Tensor, torch
     return values, indices
 
 
+def check_shard_header(path: Path, digest: str, epoch: int) -> None:
+    """What :func:`read_shard` checks of a shard but its checksum: it exists, parses, and belongs
+    to this cache and epoch. Reads only the safetensors header, so a run can check every epoch's
+    shard before its first step instead of failing at the epoch of a broken one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+    except FileNotFoundError:
+        raise UserError(f"teacher cache shard '{path}' is missing; rerun `vitdistill cache-teacher` to write it") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise UserError(f"teacher cache shard '{path}' is corrupt ({type(exc).__name__}); delete it and rerun "
+                        "`vitdistill cache-teacher` to rewrite it") from None
+    if meta.get("header") != digest or meta.get("epoch") != str(epoch) or keys != {"values", "indices"}:
+        raise UserError(f"teacher cache shard '{path}' belongs to another cache; delete it and rerun cache-teacher")
+
+
 def shard_is_valid(path: Path, digest: str, epoch: int) -> bool:
     try:
         read_shard(path, digest, epoch)
@@ -254,6 +271,8 @@ class CachedTeacher:
         self.header = read_header(self.dir)
         check_header(self.header, wanted, self.dir, REPLAY_FIELDS)
         self.digest = header_digest(self.header)
+        for epoch in range(self.header["epochs"]):  # a broken shard is named now, not at its epoch
+            check_shard_header(shard_path(self.dir, epoch), self.digest, epoch)
         self.device = device
         self.num_classes = self.header["num_classes"]
         self._epoch: int | None = None

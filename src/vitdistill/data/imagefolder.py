@@ -87,7 +87,22 @@ def read_archive(path: Path) -> list[Entry]:
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # tarfile's messages can run to several lines
         raise UserError(f"cannot read archive {path}: {why}; re-create or re-download it") from None
+    _check_tar_end(path, size)
     return entries
+
+
+def _check_tar_end(path: Path, size: int) -> None:
+    """A plain tar cut short reads as a shorter archive (a compressed one fails to decompress): a
+    tar ends in two zero blocks of 512 bytes, so their absence means the file was truncated."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+            return
+        f.seek(max(0, size - 1024))
+        tail = f.read(1024)
+    if size % 512 or tail.count(0) != len(tail):
+        raise UserError(f"archive {path} is truncated (it does not end in a tar's closing blocks); "
+                        "re-create or re-download it")
 
 
 def strip_common_root(entries: list[Entry]) -> list[Entry]:
