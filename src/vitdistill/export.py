@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from vitdistill.engine.evaluate import accuracy, predict
+from vitdistill.engine.io import check_folder
 from vitdistill.errors import UserError
 from vitdistill.evaluation import load_student
 from vitdistill.models import InputPrep
@@ -154,8 +155,6 @@ def export_cli(args: argparse.Namespace) -> dict:
     for path in (out, int8_path) if args.int8 else (out,):
         if path.exists():
             raise UserError(f"'{path}' already exists; remove it or choose another --out")
-    from vitdistill.engine.io import check_folder
-
     check_folder(out)  # a file where a folder above it should be
     name, cfg, data, model = load_student(args.student, args.weights, args.data, "export")
     deployable = _Deployable(model).eval()
