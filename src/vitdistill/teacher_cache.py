@@ -271,7 +271,8 @@ class CachedTeacher:
         self.header = read_header(self.dir)
         check_header(self.header, wanted, self.dir, REPLAY_FIELDS)
         self.digest = header_digest(self.header)
-        for epoch in range(self.header["epochs"]):  # a broken shard is named now, not at its epoch
+        # the shards this run will read (a cache may hold more) are named now if broken, not at their epoch
+        for epoch in range(min(wanted.get("epochs", self.header["epochs"]), self.header["epochs"])):
             check_shard_header(shard_path(self.dir, epoch), self.digest, epoch)
         self.device = device
         self.num_classes = self.header["num_classes"]
