@@ -238,8 +238,8 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     ("train", "eval_batch_size"): _at_least(1), ("train", "threads"): _at_least(1), ("train", "seed"): _at_least(0),
     ("train", "stop_after"): _at_least(1), ("data", "pad"): _at_least(0), ("data", "train_limit"): _at_least(1),
-    ("data", "test_limit"): _at_least(1), ("data", "img_size"): _at_least(1),
-}
+    ("data", "test_limit"): _at_least(1),
+}  # data.img_size is checked where the data is loaded (data/sources.py)
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "amp"): ("auto", "bf16", "off"),  # train.optimizer has its own check (engine/speed.py)
 }

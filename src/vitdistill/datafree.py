@@ -185,8 +185,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     from vitdistill.teacher_cache import state_hash
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; synthesize writes a folder, so give a folder's path")
+    io.check_folder(out)
     if cfg.data.source.partition(":")[0].strip().lower() == "synthetic":
         raise UserError("synthesize --data names the real data set the images stand for (its classes, size "
                         "and test split), not a synthetic one; e.g. --data digits or --data cifar10:DIR")

@@ -17,6 +17,8 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vitdistill.engine import io
+
 from .dataset import DataSplit, Dataset
 
 # Bump when decoding or layout rules change, so older cache files are not reused.
@@ -96,9 +98,7 @@ def save_cached(path: Path, ds: Dataset) -> None:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors' own file mode would keep the cache from other users
+        os.chmod(tmp, io.file_mode())  # safetensors' own file mode would keep the cache from other users
         os.replace(tmp, path)
         tmp = None
     except Exception as e:  # disk full, read-only cache dir, ...: the data in memory is still good

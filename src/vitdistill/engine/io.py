@@ -18,6 +18,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the umask (0644 for the usual 022)."""
+    return 0o666 & ~_UMASK
+
+
 def check_folder(path: str | Path, flag: str = "--out") -> None:
     """One-line error when ``path``, or the nearest folder above it that exists, is not a folder."""
     path = Path(path)
@@ -36,7 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # after the write: a writer may replace the file it was given
+        os.chmod(tmp, file_mode())  # after the write: a writer may replace the file it was given
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
