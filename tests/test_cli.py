@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_cli_fast
 
 SUMMARY_KEYS = {"student_top1", "teacher_top1", "params", "flops", "latency_ms_b1", "throughput_img_s",
                 "peak_mem_mb", "method", "data", "wall_s"}
@@ -156,30 +156,31 @@ def test_bad_inputs(teacher_run: Path, tmp_path: Path) -> None:
     base = ["--out", str(out), *TINY]
     distill = ["distill", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run)]
 
+    # one real process: the one-line contract holds for the console script, not just main()
     _one_line_error(run_cli("train", "--model", "vit_femto_patch4_61", *base), "unknown model", "vit_femto_patch4_16")
-    _one_line_error(run_cli(*distill, "--student", "deit_femto_distilled_patch4_16", "--method", "deit-hrd", *base),
+    _one_line_error(run_cli_fast(*distill, "--student", "deit_femto_distilled_patch4_16", "--method", "deit-hrd", *base),
                     "unknown method", "deit-hard")
-    _one_line_error(run_cli("train", "--data", "cifar1:/nowhere", *base), "unknown data source", "cifar10")
-    _one_line_error(run_cli("train", "--data", f"imagefolder:{tmp_path / 'missing'}", *base), "missing")
-    _one_line_error(run_cli("train", "--set", "train.epoch=3", *base), "train.epoch", "epochs")
-    _one_line_error(run_cli("train", "--set", "train.epochs=three", *base), "train.epochs")
+    _one_line_error(run_cli_fast("train", "--data", "cifar1:/nowhere", *base), "unknown data source", "cifar10")
+    _one_line_error(run_cli_fast("train", "--data", f"imagefolder:{tmp_path / 'missing'}", *base), "missing")
+    _one_line_error(run_cli_fast("train", "--set", "train.epoch=3", *base), "train.epoch", "epochs")
+    _one_line_error(run_cli_fast("train", "--set", "train.epochs=three", *base), "train.epochs")
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  lr: 0.001\n  warmup: 2\n")
-    _one_line_error(run_cli("train", "--config", str(cfg), *base), "train.warmup", "warmup_epochs")
-    _one_line_error(run_cli(*distill, "--student", "vit_femto_patch4_16", "--method", "deit-hard", *base),
+    _one_line_error(run_cli_fast("train", "--config", str(cfg), *base), "train.warmup", "warmup_epochs")
+    _one_line_error(run_cli_fast(*distill, "--student", "vit_femto_patch4_16", "--method", "deit-hard", *base),
                     "distillation token", "deit_femto_distilled_patch4_16")
     # weights for another model, and a checkpoint for another class count
-    _one_line_error(run_cli("train", "--model", "vit_femto_patch4_16", "--weights", str(teacher_run), *base),
+    _one_line_error(run_cli_fast("train", "--model", "vit_femto_patch4_16", "--weights", str(teacher_run), *base),
                     "do not fit")
     folder = _tiny_imagefolder(tmp_path / "three", 3)
-    _one_line_error(run_cli(*distill, "--student", "deit_femto_distilled_patch4_16", "--method", "deit-hard",
+    _one_line_error(run_cli_fast(*distill, "--student", "deit_femto_distilled_patch4_16", "--method", "deit-hard",
                             "--data", f"imagefolder:{folder}", *base), "do not fit", "classes")
     # a corrupt image inside a tar archive is named
     (folder / "train" / "class1" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     archive = tmp_path / "three.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="three")
-    _one_line_error(run_cli("train", "--data", f"imagefolder:{archive}", *base), "class1/2.png")
+    _one_line_error(run_cli_fast("train", "--data", f"imagefolder:{archive}", *base), "class1/2.png")
     assert not out.exists(), "a failed run must leave nothing behind"
 
 
@@ -192,9 +193,9 @@ def test_pretrained_weights_offline_is_one_line(tmp_path: Path, monkeypatch: pyt
 def test_resume_refuses_other_config(tmp_path: Path) -> None:
     out = tmp_path / "r"
     args = ["train", "--model", "vit_femto_patch4_16", "--epochs", "1", "--out", str(out), *TINY]
-    assert run_cli(*args).returncode == 0
-    _one_line_error(run_cli(*args), "already holds a run", "--resume")
-    _one_line_error(run_cli(*args, "--resume", "--lr", "0.5"), "cannot resume", "train.lr")
+    assert run_cli_fast(*args).returncode == 0
+    _one_line_error(run_cli_fast(*args), "already holds a run", "--resume")
+    _one_line_error(run_cli_fast(*args, "--resume", "--lr", "0.5"), "cannot resume", "train.lr")
 
 
 def test_keys_added_after_a_run_began_do_not_block_its_resume() -> None:
