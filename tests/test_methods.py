@@ -139,6 +139,19 @@ def test_soft_kl_student_gradient_matches_the_hand_derivative(normalize):
         for c in range(3):
             assert float(s.grad[i, c]) == pytest.approx(tau / denom * (ps[c] - pt[c]), abs=1e-6)
     assert t.grad is None
+    t = tensor(T, requires_grad=True)  # even a teacher tensor that tracks gradients gets none
+    soft_kl(tensor(S, requires_grad=True), t, tau, normalize=normalize).backward()
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("name", [n for n, cls in METHODS.items() if cls.teacher_outputs == ("logits",) and cls.teachers_needed == 1])
+def test_logit_methods_send_no_gradient_to_the_teacher(name):
+    method = build_method({"name": name})
+    s, d = tensor(S, requires_grad=True), tensor(D, requires_grad=True)
+    t = tensor(T, requires_grad=True)
+    method({"logits": s, "dist_logits": d}, {"logits": t}, torch.tensor(Y))["loss"].backward()
+    assert t.grad is None, name
+    assert s.grad is not None or d.grad is not None
 
 
 @pytest.mark.parametrize("normalize", ["batchmean", "elements"])

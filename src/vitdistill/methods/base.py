@@ -93,7 +93,11 @@ def soft_kl(
     ``normalize="batchmean"`` divides the summed KL by the batch size (the true KL per sample);
     ``normalize="elements"`` divides by batch * classes, as DeiT's reference loss does, which makes
     the term C times smaller for C classes. The tau^2 factor keeps gradient scale independent of tau.
+    The teacher's distribution is a fixed target: no gradient reaches ``teacher_logits``.
     """
+    # a live teacher already runs under no_grad, but a method fed by anything else (a caller's
+    # tensors, a teacher being trained alongside) must not pull the target towards the student
+    teacher_logits = teacher_logits.detach()
     # at least float32 (half-precision softmax loses the tail), but keep float64 when given
     dt = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     log_p_s = F.log_softmax(student_logits.to(dt) / tau, dim=-1)
