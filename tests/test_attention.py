@@ -193,6 +193,48 @@ def test_qkv_target_defaults_to_last_layers_and_matches_relation_kl():
     assert float(out_avg["qkv"]) == approx(expected_avg, 1e-4)
 
 
+def regrouped(x: torch.Tensor, groups: int) -> list:
+    """Hand regrouping of a qkv stack [3, B, H, N, d] into relation heads: each token's heads laid end to
+    end (head 0's channels, then head 1's...), then cut into ``groups`` equal channel blocks."""
+    three, batch, heads, tokens, _ = x.shape
+    out = []
+    for i in range(three):
+        per_b = []
+        for b in range(batch):
+            rows = [sum((x[i, b, h, n].tolist() for h in range(heads)), []) for n in range(tokens)]
+            w = len(rows[0]) // groups
+            per_b.append([[r[g * w:(g + 1) * w] for r in rows] for g in range(groups)])
+        out.append(per_b)
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_relation_heads_let_unequal_head_counts_compare_as_minilm_does(groups):
+    # student: 2 heads of width 2 (4 channels); teacher: 4 heads of width 2 (8 channels)
+    s_info, t_info = vit("s", 1, 2, prefix=1, width=4), vit("t", 1, 4, prefix=1, width=8)
+    with pytest.raises(UserError, match="relation_heads=N"):
+        method(s_info, t_info, target="qkv")
+    m = method(s_info, t_info, target="qkv", relation_heads=groups)
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(3, 2, 2, 5, 2, generator=g), torch.randn(3, 2, 4, 5, 2, generator=g)
+    out = m({"logits": torch.tensor(LOGITS), "qkv.0": s}, {"logits": torch.zeros(2, 3), "qkv.0": t}, torch.tensor(Y))
+    s_r, t_r = regrouped(s, groups), regrouped(t, groups)  # equal prefixes: the class tokens are compared too
+    assert float(out["qkv"]) == approx(hand_relation_kl(s_r, t_r, ALL))
+    # with as many relation heads as the model has, a model's own heads come back unchanged
+    from vitdistill.methods._features import relation_heads
+    assert torch.equal(relation_heads(s, 2), s)
+
+
+def test_relation_heads_refuse_what_they_cannot_do():
+    s_info = vit("s", 1, 2, prefix=1, width=4)
+    with pytest.raises(UserError, match="4 wide.*3 relation heads"):
+        method(s_info, vit("t", 1, 4, prefix=1, width=8), target="qkv", relation_heads=3)
+    for bad in ({"relation_heads": 2}, {"relation_heads": 0, "target": "qkv"},
+                {"relation_heads": 2, "target": "qkv", "heads": "average"}):
+        with pytest.raises(UserError, match="relation_heads"):
+            build_method({"name": "attention", **bad})
+
+
 @pytest.mark.parametrize("target", ["attn", "qkv"])
 def test_gradients_reach_the_student_and_never_the_teacher(target):
     info = vit("v", 1, 2, prefix=1)
@@ -240,7 +282,7 @@ def test_setup_errors_and_layer_maps():
         method(s_info, vit("t", 2, 2, prefix=1, patches=9))
     with pytest.raises(UserError, match="heads=aligned.*4 heads.*method.heads=average"):
         method(s_info, vit("t", 2, 4, prefix=1), heads="aligned")
-    with pytest.raises(UserError, match="MiniViT.*2 heads and the teacher 4"):
+    with pytest.raises(UserError, match="head by head.*2 heads and the teacher 4"):
         method(s_info, vit("t", 2, 4, prefix=1), target="qkv")
     with pytest.raises(UserError, match="live teacher"):
         build_method({"name": "attention"}).setup(s_info, [])

@@ -119,9 +119,32 @@ def test_total_loss_matches_the_paper_plus_label_term():
         assert t.grad is None
 
 
+def test_relation_heads_regroup_unequal_heads_like_minilm():
+    # student 2 heads x width 2, teacher 3 heads x width 2: compared as one relation head of each side's
+    # concatenated heads (the official scripts' Ar = 1); the hidden states split into the same one head
+    method = MiniViT(ce_weight=0.0, relation_heads=1)
+    method.setup(vit_info("s", 3, 4, 2, 1, 1), [vit_info("t", 3, 6, 3, 1, 1)])
+    g = torch.Generator().manual_seed(4)
+    s_qkv, t_qkv = torch.randn(3, 2, 2, 3, 2, generator=g), torch.randn(3, 2, 3, 3, 2, generator=g)
+    s_hid, t_hid = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 6, generator=g)
+    z = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.2, 2.2]])
+    out = method({"logits": z, "qkv.0": s_qkv, "block.0": s_hid}, {"logits": z, "qkv.0": t_qkv, "block.0": t_hid},
+                 torch.tensor([1, 2]))
+
+    def joined(x: torch.Tensor) -> list:  # [3, B, H, N, d] -> per q/k/v, per sample: N x (H*d), heads end to end
+        return [[[sum((x[i, b, h, n].tolist() for h in range(x.shape[2])), []) for n in range(x.shape[3])]
+                 for b in range(x.shape[1])] for i in range(3)]
+
+    assert float(out["attn"]) == pytest.approx(hand_relation_kl(joined(s_qkv), joined(t_qkv), ALL9), rel=1e-5)
+    assert float(out["hddn"]) == pytest.approx(
+        hand_relation_kl(head_lists(s_hid, 1), head_lists(t_hid, 1), [(0, 0)]), rel=1e-5)
+    with pytest.raises(UserError, match="relation heads"):
+        MiniViT(relation_heads=3).setup(vit_info("s", 3, 4, 2, 1, 1), [vit_info("t", 3, 6, 3, 1, 1)])
+
+
 def test_setup_serves_only_vit_pairs_of_equal_heads():
     student = vit_info("s", 17, 64, 2, 4, 1)
-    with pytest.raises(UserError, match="same head count"):
+    with pytest.raises(UserError, match="2 heads, teacher layer 3 has 3.*method.relation_heads=N"):
         MiniViT().setup(student, [vit_info("t", 17, 96, 3, 4, 1)])
     with pytest.raises(UserError, match="patch tokens"):
         MiniViT().setup(student, [vit_info("t", 65, 64, 2, 4, 1)])
@@ -133,7 +156,7 @@ def test_setup_serves_only_vit_pairs_of_equal_heads():
 
 
 @pytest.mark.parametrize("knob,value", [("share", 0), ("share", 1.5), ("kernel_size", 4), ("tau", 0.0),
-                                        ("gamma", -1.0)])
+                                        ("gamma", -1.0), ("relation_heads", 0)])
 def test_bad_knobs_are_user_errors(knob, value):
     with pytest.raises(UserError, match=knob):
         build_method({"name": "minivit", knob: value})

@@ -88,6 +88,12 @@ def test_uniform_layer_map():
     assert uniform_layer_map(6, 6) == list(range(6))
     assert uniform_layer_map(6, 4) == [0, 0, 1, 2, 2, 3]
     assert uniform_layer_map(3, 4) == [0, 2, 3]
+    # halves round up, not to even: round(1.5) - 1, round(4.5) - 1 give 1 and 4
+    assert uniform_layer_map(4, 6) == [1, 2, 4, 5]
+    assert uniform_layer_map(4, 10) == [2, 4, 7, 9]
+    for s in range(1, 13):
+        for t in range(1, 13):
+            assert uniform_layer_map(s, t) == [max(0, int((i + 1) * t / s + 0.5) - 1) for i in range(s)]
 
 
 def test_resolve_layer_map(vit, cnn):

@@ -103,3 +103,23 @@ class StepRandom(nn.Module):
         self._step += 1
         self.step.fill_(self._step)
         return g
+
+
+def relation_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Queries, keys or values ``[..., H, N, d]`` regrouped into ``heads`` relation heads
+    ``[..., heads, N, H * d / heads]``: the model's heads are concatenated along channels, then split
+    again, as MiniLMv2 (Wang et al., Findings of ACL 2021, arXiv:2012.15828) and MiniViT's official
+    code do. Both sides then have ``heads`` heads, whatever their own counts."""
+    *lead, h, n, d = qkv.shape
+    if (h * d) % heads:
+        raise UserError(f"{h} heads of width {d} ({h * d} channels) do not split into {heads} relation heads; set "
+                        "method.relation_heads to a divisor of both models' widths")
+    return qkv.transpose(-3, -2).reshape(*lead, n, heads, h * d // heads).transpose(-3, -2)
+
+
+def check_relation_heads(method: str, heads: int, pairs: list[tuple[LayerInfo, LayerInfo]]) -> None:
+    """One-line error at setup when a layer's width does not split into ``heads`` relation heads."""
+    for layer in (x for pair in pairs for x in pair):
+        if layer.width % heads:
+            raise UserError(f"method '{method}': {layer.path} is {layer.width} wide, which does not split into "
+                            f"{heads} relation heads; set method.relation_heads to a divisor of both models' widths")

@@ -19,8 +19,11 @@ Wu, Liu, Xiao, Fu, Yuan, *MiniViT: Compressing Vision Transformers with Weight M
 
 averaged like the attention KL (:func:`relation_kl`). ``relations="all"`` takes the nine pairs of
 MiniViT's equation (and official code); ``relations="self"`` only Q-Q, K-K, V-V. Each side scales by
-its own head width d, so the widths may differ; the relations are N x N, so the head counts must
-match (MiniViT's requirement), unless ``heads="average"`` is asked for explicitly.
+its own head width d, so the widths may differ; the relations are N x N, and they are compared head
+by head, so by default the head counts must match. ``relation_heads=R`` instead concatenates each
+side's heads along channels and splits them into R relation heads of width C / R (MiniLMv2's
+relation heads, which MiniViT's official code uses), so the head counts may differ;
+``heads="average"`` averages the relation maps over heads instead.
 
 The objective, with the soft-logit term of Hinton et al. 2015 off by default (``alpha = 0``):
 
@@ -30,7 +33,7 @@ The objective, with the soft-logit term of Hinton et al. 2015 off by default (``
 **Heads.** ``heads="aligned"`` compares head h with head h (equal counts required); ``"average"``
 averages the probability maps over heads on each side first (a mean of distributions is a
 distribution); ``"auto"`` is aligned when the counts match, else average (for ``target="qkv"``,
-unequal counts under ``auto`` are an error, as in MiniViT).
+unequal counts under ``auto`` are an error unless ``relation_heads`` is set).
 
 **Tokens.** Both models need the same patch grid. When their prefix tokens differ (a DeiT student
 with a distillation token under a plain ViT teacher), only patch-to-patch attention is compared:
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import layer_pairs, require_vit
+from vitdistill.methods._features import check_relation_heads, layer_pairs, relation_heads, require_vit
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads as head_outputs, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -123,7 +126,7 @@ class AttentionDistill(Method):
     teacher_outputs = ("logits", "features")
 
     def __init__(self, beta: float = 1.0, loss: str = "kl", heads: str = "auto", target: str = "attn",
-                 relations: str = "all", alpha: float = 0.0, tau: float = 4.0,
+                 relations: str = "all", relation_heads: int | None = None, alpha: float = 0.0, tau: float = 4.0,
                  student_layers: list[int] | None = None, teacher_layers: list[int] | None = None,
                  label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)
@@ -136,6 +139,13 @@ class AttentionDistill(Method):
                 raise ValueError(f"{knob} must be one of {', '.join(allowed)}; not {value!r}")
         relation_pairs(relations)  # raises on a bad value
         self.relations = relations
+        if relation_heads is not None:
+            if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
+                raise ValueError(f"relation_heads must be an integer >= 1 or null, not {relation_heads!r}")
+            if target != "qkv" or heads == "average":
+                raise ValueError("relation_heads regroups queries, keys and values into heads: it needs target=qkv "
+                                 "and heads auto or aligned")
+        self.relation_heads = relation_heads
         for knob, layers in (("student_layers", student_layers), ("teacher_layers", teacher_layers)):
             if layers is not None and (not isinstance(layers, list | tuple) or not layers
                                        or not all(isinstance(i, int) for i in layers)):
@@ -168,14 +178,18 @@ class AttentionDistill(Method):
                             f"{SERVES} (same image size / patch size ratio)")
         self.prefix = (0, 0) if ps == pt else (ps, pt)
 
+        if self.relation_heads is not None:
+            check_relation_heads(self.name, self.relation_heads,
+                                 [(student.layer(i), teacher.layer(j)) for i, j in self.pairs])
         counts = {(student.layer(i).heads, teacher.layer(j).heads) for i, j in self.pairs}
-        unequal = [c for c in counts if c[0] != c[1]]
+        unequal = [] if self.relation_heads is not None else [c for c in counts if c[0] != c[1]]
         if unequal and (self.heads == "aligned" or (self.heads == "auto" and self.target == "qkv")):
             hs, ht = unequal[0]
             why = ("MiniViT's relation distillation (target=qkv) compares head by head"
                    if self.target == "qkv" else "heads=aligned compares head by head")
             raise UserError(f"method '{self.name}': {why}, but the student has {hs} heads and the teacher {ht}; use a "
-                            f"student with {ht} heads or set method.heads=average")
+                            f"student with {ht} heads or set method.heads=average"
+                            + (" or method.relation_heads=N (heads regrouped into N)" if self.target == "qkv" else ""))
         self.average_heads = self.heads == "average" or bool(unequal)
 
         kind = "attn" if self.target == "attn" else "qkv"
@@ -196,6 +210,8 @@ class AttentionDistill(Method):
     def pair_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """L_attn for one layer pair from the student's and teacher's taps (``attn.*`` or ``qkv.*``)."""
         t = t.detach()
+        if self.relation_heads is not None:
+            s, t = relation_heads(s, self.relation_heads), relation_heads(t, self.relation_heads)
         if self.target == "qkv" and self.loss == "kl" and not self.average_heads:
             # the log-space path: exact even where a relation probability underflows
             ps, pt = self.prefix

@@ -12,7 +12,7 @@ KD = TCKD + (1 - p_t^T) NCKD. DKD drops the coupling factor and weighs the parts
 both summed over classes and averaged over the batch, and w(e) = min(1, (e + 1) / warmup_epochs) the
 linear warm-up of the KD terms over the first epochs (the authors' code; epoch e counts from 0).
 Defaults alpha = 1, beta = 8, tau = 4, warm-up 20 epochs: the paper's CIFAR-100 setting (its ImageNet
-setting is alpha = 1, beta = 0.5, tau = 1).
+setting is alpha = 1, beta = 0.5, tau = 1, warm-up 1 epoch).
 
 The target class t is the label, or the argmax of the soft target under Mixup / CutMix (the label
 the mixed image mostly carries). A student with DeiT's distillation token gets CE on the class head

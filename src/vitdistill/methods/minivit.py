@@ -28,7 +28,11 @@ stream before the MLP; inside the branch the residual path, and so a pretrained 
     L_attn = 1/9 sum_{i,j in {Q,K,V}} KL(R^t_ij || R^s_ij),  R_ij = softmax(X_i X_j^T / sqrt(d)) per head
     L_hddn = KL(R^t_H || R^s_H),  R_H = softmax(H_h H_h^T / sqrt(D / heads)), H split into the heads
 
-KLs are taken row by row and averaged over batch, heads and rows (the official code's mean).
+KLs are taken row by row and averaged over batch, heads and rows (the official code's mean). By
+default the relations are per head of the models, which needs equal head counts; ``relation_heads=R``
+concatenates each side's heads along channels and splits them into R relation heads (MiniLMv2's
+relation heads, as MiniViT's official code does; its scripts use R = 1), so the head counts may
+differ. The hidden states are split into the same R heads.
 ``z_kd`` is the distillation head when the student has DeiT's distillation token, else the class
 head. The paper's objective is the last three terms (``ce_weight = 0``); the label term keeps a
 class head trained. Relations compare the class token (when both models have one) and the patch
@@ -43,11 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import require_vit
+from vitdistill.methods._features import check_relation_heads, relation_heads as regroup, require_vit
 from vitdistill.methods.base import METHODS, Method, Outputs, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap, resolve_layer_map
 
-SERVES = "a timm ViT student with a ViT teacher of the same head count and patch grid"
+SERVES = ("a timm ViT student with a ViT teacher of the same patch grid (and the same head count, unless "
+          "method.relation_heads is set)")
 
 
 # ---------------------------------------------------------------- weight multiplexing
@@ -266,6 +271,7 @@ class MiniViT(Method):
         ce_weight: float = 1.0,
         student_layers: list[int] | None = None,
         teacher_layers: list[int] | None = None,
+        relation_heads: int | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(label_smoothing)
@@ -278,6 +284,10 @@ class MiniViT(Method):
         for knob, value in (("beta", beta), ("gamma", gamma), ("ce_weight", ce_weight)):
             if value < 0:
                 raise ValueError(f"{knob} must be >= 0, not {value}")
+        if relation_heads is not None and (isinstance(relation_heads, bool) or not isinstance(relation_heads, int)
+                                           or relation_heads < 1):
+            raise ValueError(f"relation_heads must be an integer >= 1 or null, not {relation_heads!r}")
+        self.relation_heads = relation_heads
         self.share, self.kernel_size, self.tau = share, kernel_size, tau
         self.beta, self.gamma, self.ce_weight = beta, gamma, ce_weight
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
@@ -307,16 +317,23 @@ class MiniViT(Method):
         s_pre, t_pre = student.num_prefix_tokens, teacher.num_prefix_tokens
         for s, t in pairs:
             sl, tl = student.layer(s), teacher.layer(t)
-            if sl.heads != tl.heads:
+            if sl.heads != tl.heads and self.relation_heads is None:
                 raise UserError(f"method 'minivit' compares attention relations head by head: student layer {s} has "
-                                f"{sl.heads} heads, teacher layer {t} has {tl.heads}; it serves {SERVES}")
+                                f"{sl.heads} heads, teacher layer {t} has {tl.heads}; set method.relation_heads=N to "
+                                f"regroup both into N heads, or use a teacher with {sl.heads} heads")
             if sl.shape[0] - s_pre != tl.shape[0] - t_pre:
                 raise UserError(f"method 'minivit' compares token relations: the student has {sl.shape[0] - s_pre} "
                                 f"patch tokens, the teacher {tl.shape[0] - t_pre}; it serves {SERVES}")
-        self.pairs, self.heads = pairs, student.layer(pairs[0][0]).heads
+        if self.relation_heads is not None:
+            check_relation_heads(self.name, self.relation_heads, [(student.layer(s), teacher.layer(t)) for s, t in pairs])
+        self.pairs = pairs
+        self.heads = self.relation_heads or student.layer(pairs[0][0]).heads
         self.prefix, self.keep_cls = (s_pre, t_pre), min(s_pre, t_pre) >= 1
         self.student_taps = tuple(Tap(kind, s) for s, _ in pairs for kind in ("qkv", "block"))
         self.teacher_taps = tuple(Tap(kind, t) for _, t in pairs for kind in ("qkv", "block"))
+
+    def _regroup(self, qkv: torch.Tensor) -> torch.Tensor:
+        return qkv if self.relation_heads is None else regroup(qkv, self.relation_heads)
 
     def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor) -> Outputs:
         assert teacher is not None
@@ -325,7 +342,8 @@ class MiniViT(Method):
         ce = self.ce(z, target)
         pred = soft_kl(student.get("dist_logits", z), teacher["logits"], self.tau)
         (sp, tp), keep = self.prefix, self.keep_cls
-        attn = sum(qkv_relation_kl(_tokens(student[f"qkv.{s}"], sp, keep), _tokens(teacher[f"qkv.{t}"], tp, keep))
+        attn = sum(qkv_relation_kl(self._regroup(_tokens(student[f"qkv.{s}"], sp, keep)),
+                                   self._regroup(_tokens(teacher[f"qkv.{t}"], tp, keep)))
                    for s, t in self.pairs) / len(self.pairs)
         hddn = sum(hidden_relation_kl(_tokens(student[f"block.{s}"], sp, keep),
                                       _tokens(teacher[f"block.{t}"], tp, keep), self.heads)

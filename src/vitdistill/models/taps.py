@@ -221,11 +221,13 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """Teacher layer for each of ``student_layers`` student layers, spread evenly, last to last.
 
     Student layer i of S takes teacher layer round((i + 1) * T / S) - 1, the uniform strategy of
-    TinyBERT and MiniLM; with S == T it is the identity.
+    TinyBERT and MiniLM; with S == T it is the identity. Halves round up, in integers: Python's
+    round() sends them to the even neighbour, which spaces 4 layers onto 6 as [1, 2, 3, 5].
     """
     if student_layers < 1 or teacher_layers < 1:
         raise UserError("a layer mapping needs at least one layer on each side")
-    return [max(0, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
+    s, t = student_layers, teacher_layers
+    return [max(0, (2 * (i + 1) * t + s) // (2 * s) - 1) for i in range(s)]
 
 
 def resolve_layer_map(
