@@ -252,13 +252,14 @@ def test_gradients_reach_the_student_and_never_the_teacher(target):
     assert raw_t.grad is None and t_logits.grad is None
 
 
-@pytest.mark.parametrize("target", ["attn", "qkv"])
-def test_real_taps_train_the_student_weights(target):
+@pytest.mark.parametrize("target,knobs", [("attn", {"heads": "average"}), ("qkv", {"heads": "average"}),
+                                          ("qkv", {"relation_heads": 1})])
+def test_real_taps_train_the_student_weights(target, knobs):
     # real timm models through the real taps: a DeiT student (2 heads) and a 4-head ViT teacher
     student, _ = create_model("deit_femto_distilled_patch4_16", 10, 16)
     teacher, _ = create_model("vit_femto_patch4_16", 10, 16, overrides={"num_heads": 4})
     teacher.eval().requires_grad_(False)
-    m = build_method({"name": "attention", "target": target, "heads": "average"})
+    m = build_method({"name": "attention", "target": target, **knobs})
     m.setup(describe(student, "s", (3, 16, 16), 10), [describe(teacher, "t", (3, 16, 16), 10)])
     s_taps, t_taps = FeatureTaps(student, m.student_taps), FeatureTaps(teacher, m.teacher_taps)
     x = torch.randn(2, 3, 16, 16)
