@@ -135,7 +135,7 @@ def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:
         return root
 
     empty = folder("empty", {"a": 3, "b": 0, "c": 3})
-    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{empty}"), says=f"class folder '{empty / 'b'}' holds no images")
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{empty}"), says=f"class folder 'b' in {empty} holds no images")
     one = folder("one", {"a": 4})
     _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{one}"), says="only one class ('a')")
     test_only = folder("testonly", {"train/a": 2, "train/b": 2, "test/a": 1, "test/c": 1})
@@ -159,6 +159,51 @@ def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:
     _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{cut}"), says="cannot read archive")
     assert not (tmp_path / "r").exists()
     assert run_cli_here(*_train(tmp_path / "r", "--data", f"imagefolder:{whole}")) == 0  # the same tar, whole
+
+
+def test_imagefolder_classes_a_listing_could_drop(tmp_path: Path) -> None:
+    """Class folders that hold no usable image, in a tar too, and links: none may vanish silently."""
+    import tarfile
+
+    from PIL import Image
+
+    from vitdistill.data import load_data
+
+    def images(folder: Path, count: int, prefix: str = "") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{prefix}{i}.png")
+
+    # a class whose only files are hidden (an AppleDouble fork, a thumbnail folder) holds no image
+    for case, hide in (("fork", lambda d: images(d, 2, "._")), ("thumbs", lambda d: images(d / ".thumbs", 2))):
+        root = tmp_path / case
+        images(root / "a", 3), images(root / "c", 3)
+        hide(root / "b")
+        _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{root}"), says=f"class folder 'b' in {root} holds no")
+    # the same in archives: an empty class folder, in a pool and in a split layout
+    pool = tmp_path / "pool"
+    images(pool / "a", 3), images(pool / "c", 3)
+    (pool / "b").mkdir()
+    split = tmp_path / "split"
+    for part in ("train/a", "train/b", "test/a", "test/b"):
+        images(split / part, 2)
+    (split / "test" / "z").mkdir()
+    for root, says in ((pool, "class folder 'pool/b'"), (split, "class folder 'split/test/z'")):
+        archive = tmp_path / f"{root.name}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(root, arcname=root.name)
+        _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{archive}"), says=says)
+    # a linked class folder is followed, as torchvision's ImageFolder does; a loop ends
+    linked = tmp_path / "linked"
+    images(linked / "a", 3), images(tmp_path / "elsewhere" / "b", 3)
+    (linked / "b").symlink_to(tmp_path / "elsewhere" / "b", target_is_directory=True)
+    (linked / "a" / "loop").symlink_to(linked, target_is_directory=True)
+    ds = load_data(f"imagefolder:{linked}", cache_dir=tmp_path / "cache")
+    assert ds.classes == ["a", "b"] and len(ds.train) + len(ds.test) == 6
+    # a broken link where an image should be is named
+    (linked / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{linked}"), says="cannot read image 'b/gone.png'")
+    assert not (tmp_path / "r").exists()
 
 
 def test_export_checks_its_options_and_leaves_nothing(teacher_run: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import io
 import os
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,32 +45,52 @@ class Entry:
         return Entry(self.parts[drop:], self.source, self.name)
 
 
+@dataclass
+class Listing:
+    """The image files of a source, and every folder in it (as ``a/b/c`` paths, hidden ones too),
+    so that a class folder without a usable image can be told from no folder at all."""
+
+    entries: list[Entry]
+    folders: set[str] = field(default_factory=set)
+
+
 def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def _wanted(parts: tuple[str, ...]) -> bool:
-    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+    if any(_hidden(p) for p in parts):
         return False
     return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_directory(root: Path) -> list[Entry]:
-    """Every image file below ``root``, in sorted path order."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+def list_directory(root: Path) -> Listing:
+    """Every image file below ``root``, in sorted path order, and every folder. Linked folders are
+    followed (as torchvision's ``ImageFolder`` does), each real folder once, so a link loop ends."""
+    entries, folders = [], set()
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel = Path(dirpath).relative_to(root).parts
+        if rel:
+            folders.add("/".join(rel))
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for fn in sorted(filenames):
             parts = (*rel, fn)
             if _wanted(parts):
                 entries.append(Entry(parts, Path(dirpath) / fn, "/".join(parts)))
-    return entries
+    return Listing(entries, folders)
 
 
-def read_archive(path: Path) -> list[Entry]:
-    """Every image file in a tar archive, with its bytes (one sequential pass over the archive)."""
-    entries = []
+def read_archive(path: Path) -> Listing:
+    """Every image file in a tar archive, with its bytes (one sequential pass over the archive), and
+    every folder (listed, or implied by a file's path)."""
+    entries, folders = [], set()
     size = path.stat().st_size
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tf, tqdm(
@@ -79,6 +99,8 @@ def read_archive(path: Path) -> list[Entry]:
         ) as bar:
             for member in tf:
                 parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
+                dirs = parts if member.isdir() else parts[:-1]
+                folders.update("/".join(dirs[:i]) for i in range(1, len(dirs) + 1))
                 if member.isfile() and parts and _wanted(parts):
                     f = tf.extractfile(member)
                     assert f is not None
@@ -88,7 +110,7 @@ def read_archive(path: Path) -> list[Entry]:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # tarfile's messages can run to several lines
         raise UserError(f"cannot read archive {path}: {why}; re-create or re-download it") from None
     _check_tar_end(path, size)
-    return entries
+    return Listing(entries, folders)
 
 
 def _check_tar_end(path: Path, size: int) -> None:
@@ -124,6 +146,27 @@ def split_layout(entries: list[Entry]) -> tuple[list[Entry], list[Entry]] | None
         return [e.rerooted(1) for e in entries if len(e.parts) >= 3 and e.parts[0].lower() == split]
 
     return pick("train"), pick(test_name)
+
+
+def check_no_empty_class(entries: list[Entry], folders: set[str], where: Path) -> None:
+    """A folder beside the class folders that holds no usable image (empty, or hidden files only)
+    would silently drop its class and shift every later class index; say so instead."""
+    parents, used = set(), set()
+    for e in entries:
+        if len(e.parts) < 2:
+            continue
+        orig = tuple(e.name.split("/"))
+        parent = orig[:len(orig) - len(e.parts)]
+        parents.add(parent)
+        used.add((*parent, e.parts[0]))
+    for folder in sorted(folders):
+        parts = tuple(folder.split("/"))
+        if parts[:-1] in parents and parts not in used and not _hidden(parts[-1]):
+            raise UserError(f"class folder '{folder}' in {where} holds no images; add some or remove the folder")
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def class_entries(entries: list[Entry]) -> list[Entry]:

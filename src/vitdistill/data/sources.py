@@ -20,8 +20,8 @@ from ..errors import UserError, did_you_mean
 from .cache import cache_path, file_stamp, fingerprint, load_cached, save_cached
 from .dataset import DataSplit, Dataset
 from .imagefolder import (
-    ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, Entry, check_sizes, class_entries, decode_split, is_archive,
-    list_directory, read_archive, split_layout, stack, strip_common_root,
+    ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, Entry, Listing, check_no_empty_class, check_sizes, class_entries,
+    decode_split, is_archive, list_directory, read_archive, split_layout, stack, strip_common_root,
 )
 from .synthetic import load_synthetic
 
@@ -191,11 +191,12 @@ def _load_imagefolder(
     path: Path, cache_dir: str | os.PathLike[str] | None, img_size: int | None, val_fraction: float
 ) -> Dataset:
     if path.is_dir():
-        entries: list[Entry] | None = list_directory(path)
-        _check_no_empty_class(entries)
-        inputs = [[e.name, *file_stamp(e.source)] for e in entries if isinstance(e.source, Path)]
+        listing: Listing | None = list_directory(path)
+        assert listing is not None
+        _check_classes(listing, path)  # before the cache: an empty folder does not change the fingerprint
+        inputs = [[e.name, *_stamp(e, path)] for e in listing.entries]
     elif path.is_file() and is_archive(path):
-        entries, inputs = None, [[path.name, *file_stamp(path)]]
+        listing, inputs = None, [[path.name, *file_stamp(path)]]
     else:
         raise UserError(
             f"'{path}' is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; "
@@ -204,10 +205,12 @@ def _load_imagefolder(
                       "val_fraction": val_fraction})
 
     def build() -> Dataset:
-        found = entries if entries is not None else read_archive(path)
+        read = listing if listing is not None else read_archive(path)
+        found = read.entries
         if not found:
             raise UserError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {path}; "
                             "expected <class>/<image> or train/<class>/<image> and test/<class>/<image>")
+        _check_classes(read, path)
         layout = split_layout(found)
         if layout is not None:
             return _build(_archive_stem(path), layout[0], layout[1], (path, path), img_size, fp, _NATURAL_AUG)
@@ -218,15 +221,18 @@ def _load_imagefolder(
     return _cached(fp, cache_dir, build)
 
 
-def _check_no_empty_class(entries: list[Entry]) -> None:
-    """A folder beside the class folders that holds no image would silently drop its class (and
-    shift every later class index); say so instead."""
-    roots = {e.source.parent.parent for e in entries if isinstance(e.source, Path) and len(e.parts) >= 2}
-    for root in sorted(roots):
-        for child in sorted(root.iterdir()):
-            if child.is_dir() and not child.name.startswith(".") and child not in roots and not any(
-                    f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in child.rglob("*")):
-                raise UserError(f"class folder '{child}' holds no images; add some or remove the folder")
+def _check_classes(listing: Listing, path: Path) -> None:
+    layout = split_layout(listing.entries)
+    check_no_empty_class(layout[0] + layout[1] if layout is not None else strip_common_root(listing.entries),
+                         listing.folders, path)
+
+
+def _stamp(e: Entry, root: Path) -> list[int]:
+    assert isinstance(e.source, Path)
+    try:
+        return file_stamp(e.source)
+    except OSError as err:  # a broken link, or a file gone or unreadable since the listing
+        raise UserError(f"cannot read image '{e.name}' in {root}: {err.strerror or err}; fix or remove it") from None
 
 
 def _build(
@@ -278,7 +284,7 @@ def _load_cifar(kind: str, path: Path, cache_dir: str | os.PathLike[str] | None,
         fp = fingerprint({"kind": kind, "path": str(path), "inputs": inputs, "img_size": img_size})
 
         def build() -> Dataset:
-            train_e, test_e = (strip_common_root(read_archive(a)) for a in archives)
+            train_e, test_e = (strip_common_root(read_archive(a).entries) for a in archives)
             ds = _build(kind, train_e, test_e, archives, img_size, fp, _NATURAL_AUG)
             _check_class_count(kind, ds.classes, path)
             return ds
