@@ -199,6 +199,14 @@ def test_switching_method_drops_the_previous_knobs():
     assert cfg.method == {"name": "deit-soft", "alpha": 0.2}
 
 
+def test_knobs_given_before_any_name_stay_with_the_method_named_later():
+    # a file's knobs with no name, then --method on the command line: the knobs are the file's intent
+    cfg = build_config([{"method": {"tau": 4.0, "alpha": 0.9}}, {"method": {"name": "logit-kd"}}])
+    assert cfg.method == {"name": "logit-kd", "tau": 4.0, "alpha": 0.9}
+    cfg = build_config([{"method": {"tau": 4.0}}, {"method": "dkd"}, {"method": {"name": "dist"}}])
+    assert cfg.method == {"name": "dist"}  # once named, another name still starts afresh
+
+
 # ---------------------------------------------------------------- load_yaml
 
 

@@ -156,9 +156,15 @@ def _fill(obj: Any, values: dict, prefix: str) -> None:
                 value = {"name": value}
             if not isinstance(value, dict):
                 raise UserError("config key 'method' must be a mapping with a 'name' (or just a name)")
-            merged = dict(current) if value.get("name", current.get("name")) == current.get("name") else {}
+            # a new name drops the knobs of the method named before, but not knobs given with no name
+            # yet (a file's `method: {tau: 4}` beside `--method logit-kd`)
+            named = getattr(obj, "_method_named", False)
+            same = value.get("name", current.get("name")) == current.get("name")
+            merged = dict(current) if same or not named else {}
             merged.update(value)
             setattr(obj, key, merged)
+            if "name" in value:
+                object.__setattr__(obj, "_method_named", True)
         elif hints[key] is dict or typing.get_origin(hints[key]) is dict:
             if not isinstance(value, dict):
                 raise UserError(f"config key '{dotted}' expects a mapping, got {value!r}")
