@@ -36,7 +36,8 @@ def _train(out: Path, *extra: str) -> list[str]:
     ("train.eval_batch_size=0", "'train.eval_batch_size' must be a number >= 1"),
     ("train.threads=-3", "'train.threads' must be a number >= 1"),
     ("train.stop_after=-1", "'train.stop_after' must be a number >= 1"),
-    ("train.seed=-2", "'train.seed' must be a number >= 0"),
+    ("train.seed=-2", "'train.seed' must be a whole number from 0 to 2**63 - 1"),
+    ("train.seed=99999999999999999999", "'train.seed' must be a whole number from 0 to 2**63 - 1"),
     ("data.pad=-3", "'data.pad' must be a number >= 0"),
     ("data.test_limit=-5", "'data.test_limit' must be a number >= 1"),
     ("data.train_limit=0", "'data.train_limit' must be a number >= 1"),
@@ -45,6 +46,22 @@ def _train(out: Path, *extra: str) -> list[str]:
 def test_out_of_range_settings_are_refused_before_a_run_folder_exists(tmp_path: Path, setting: str, says: str) -> None:
     _fails(*_train(tmp_path / "run", "--set", setting), says=says)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--device", "meta"], "device 'meta' is not supported; use auto, cpu, cuda or cuda:N"),
+    (["--device", "mps"], "device 'mps' is not supported"),
+    (["--set", "data.img_size=3"], "'vit_femto_patch4_16' cuts 4-px patches but the images are 3 px"),
+])
+def test_runs_the_machine_or_model_cannot_do_are_refused_before_a_run_folder(tmp_path: Path, extra: list[str],
+                                                                            says: str) -> None:
+    _fails(*_train(tmp_path / "run", *extra), says=says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    _fails(*_train(Path("/proc/vitdistill-test")), says="cannot create --out '/proc/vitdistill-test'")
+    _fails("profile", "--model", "vit_femto_patch4_16", "--img-size", "2", says="--img-size")
 
 
 def test_argparse_errors_are_one_line() -> None:
@@ -211,12 +228,26 @@ def test_export_checks_its_options_and_leaves_nothing(teacher_run: Path, tmp_pat
     for extra, says in ((["--batch-size", "0"], "--batch-size 0: give at least 1"),
                         (["--opset", "3"], "--opset 3: give an opset from 18 to"),
                         (["--opset", "99"], "--opset 99: give an opset from 18 to"),
+                        (["--opset", "26"], "--opset 26: give an opset from 18 to 25"),
                         (["--threads", "0"], "--threads 0: give at least 1")):
         _fails("export", "--student", str(teacher_run), "--out", str(tmp_path / "x.onnx"), *extra, says=says)
     afile = tmp_path / "afile"
     afile.write_text("")
     _fails("export", "--student", str(teacher_run), "--out", str(afile / "x.onnx"), says="is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_failed_export_takes_away_the_folders_it_made(teacher_run: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+
+    def refuse(*args, **kwargs):  # the exporter failing on a model it cannot trace
+        raise RuntimeError("cannot trace this\nsecond line")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    _fails("export", "--student", str(teacher_run), "--out", str(tmp_path / "new" / "deeper" / "x.onnx"),
+           says="could not export 'resnet_micro_cnn' to ONNX: cannot trace this")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_files_are_readable_like_any_file_the_user_writes(tmp_path: Path) -> None:

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weights file when --student is a model name")
     p.add_argument("--data", help="data source, for the class count, input size and the check (default: the run's)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version, 18 to 25")
     p.add_argument("--int8", nargs="?", const="dynamic", choices=("dynamic", "static"), default=None,
                    help="also write OUT.int8.onnx and score it: 'dynamic' (the default) quantizes the weights and "
                    "each activation's range at run time, 'static' fixes the activation ranges from --calib "

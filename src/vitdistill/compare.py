@@ -478,7 +478,7 @@ def compare_cli(args: Any) -> int:
     # under torchrun every run of the grid uses the one process group; rank 0 prints and writes
     with dist.session():
         if dist.is_main():
-            out.mkdir(parents=True, exist_ok=True)
+            io.make_folder(out)
             io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
                                                  "teacher": "teacher" if teacher else None})
         try:

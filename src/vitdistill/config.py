@@ -242,7 +242,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("train", "min_lr"): _at_least(0), ("train", "weight_decay"): _at_least(0),
     ("train", "warmup_epochs"): _at_least(0), ("train", "clip_grad"): _above(0),
     ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
-    ("train", "eval_batch_size"): _at_least(1), ("train", "threads"): _at_least(1), ("train", "seed"): _at_least(0),
+    ("train", "eval_batch_size"): _at_least(1), ("train", "threads"): _at_least(1), ("train", "seed"): ((lambda v: 0 <= v < 2**63), "a whole number from 0 to 2**63 - 1"),
     ("train", "stop_after"): _at_least(1), ("data", "pad"): _at_least(0), ("data", "train_limit"): _at_least(1),
     ("data", "test_limit"): _at_least(1),
 }  # data.img_size is checked where the data is loaded (data/sources.py)

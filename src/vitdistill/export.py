@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from vitdistill.engine.evaluate import accuracy, predict
-from vitdistill.engine.io import check_folder
+from vitdistill.engine.io import check_folder, make_folder, remove_folders
 from vitdistill.errors import UserError
 from vitdistill.evaluation import load_student
 from vitdistill.models import InputPrep
@@ -129,6 +129,9 @@ def _quantize(src: Path, dst: Path, mode: str, train_images: torch.Tensor, calib
         pre.unlink(missing_ok=True)
 
 
+_NEWEST_OPSET = 25
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -145,8 +148,10 @@ def export_cli(args: argparse.Namespace) -> dict:
         raise UserError(f"--threads {args.threads}: give at least 1, or leave it out for ONNX Runtime's own")
     import onnx
 
-    newest = onnx.defs.onnx_opset_version()
-    if not 18 <= args.opset <= newest:  # torch's exporter writes opset 18 and up; onnx here knows up to newest
+    # torch's exporter writes opset 18 and up; above 25 its version converter (torch 2.14, onnxscript)
+    # fails on GELU and leaves an Attention node ONNX Runtime cannot load, so those are refused up front
+    newest = min(onnx.defs.onnx_opset_version(), _NEWEST_OPSET)
+    if not 18 <= args.opset <= newest:
         raise UserError(f"--opset {args.opset}: give an opset from 18 to {newest} (default 18)")
     out = Path(args.out)
     if out.suffix != ".onnx":
@@ -159,9 +164,10 @@ def export_cli(args: argparse.Namespace) -> dict:
     name, cfg, data, model = load_student(args.student, args.weights, args.data, "export")
     deployable = _Deployable(model).eval()
     sample = data.test.images[:1].repeat(2, 1, 1, 1)  # two images: a batch of one would be traced as fixed
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = make_folder(out.parent)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp8 = int8_path.with_name(f".{int8_path.name}.{os.getpid()}.tmp")
+    done = False
     try:  # both files are scored under temporary names and renamed only once everything has passed
         try:
             torch.onnx.export(deployable, (sample,), str(tmp), dynamo=True, input_names=["images"],
@@ -201,9 +207,12 @@ def export_cli(args: argparse.Namespace) -> dict:
                               "latency_ms_b1_onnxruntime": round(q_latency, 4)}
             os.replace(tmp8, int8_path)
         os.replace(tmp, out)
+        done = True
     finally:
         tmp.unlink(missing_ok=True)
         tmp8.unlink(missing_ok=True)
+        if not done:
+            remove_folders(created)  # a failed export leaves no new folder behind either
     return result
 
 

@@ -196,7 +196,7 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
     def prepare() -> tuple[dict, list[int]]:
         nonlocal header
         io.check_folder(cache_dir, "--cache")
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        io.make_folder(cache_dir, "--cache")
         head = cache_dir / "header.json"
         if head.exists():
             old = read_header(cache_dir)

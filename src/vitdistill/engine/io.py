@@ -33,6 +33,28 @@ def check_folder(path: str | Path, flag: str = "--out") -> None:
             return
 
 
+def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:
+    """``mkdir -p path`` with a one-line error when it cannot be made (no permission, a read-only or
+    special file system); returns the folders it created, deepest last, so a caller that fails
+    later can take them away again (:func:`remove_folders`)."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
+    return created
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Remove what :func:`make_folder` created, deepest first, where it is still empty."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temp on failure."""
     path = Path(path)

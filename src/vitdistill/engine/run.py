@@ -169,7 +169,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
         ema.load_state_dict(state["ema"])
 
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        io.make_folder(out)
         io.write_text(out / "config.yaml", cfg.to_yaml())
     run_student, notes = speed.compile_models(cfg.train, student, taps, side.teachers if side else [])
     if notes and dist.is_main():

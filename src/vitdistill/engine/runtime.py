@@ -21,8 +21,13 @@ def pick_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # torch knows more (mps, meta, xpu...), but these are what is tested
+        raise UserError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for but no CUDA GPU is visible; use --device cpu (--set train.device=cpu in a config)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                        "use cuda:0 or another visible index")
     return dev
 
 

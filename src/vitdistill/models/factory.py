@@ -116,12 +116,24 @@ def create_model(
         # timm's own checks of the sizes (a negative depth, a patch that does not divide the image)
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot build '{name}' with {overrides or {}}: {why}; fix model.*_kwargs") from None
+    _check_patch_fits(model, name, kwargs.get("img_size"))
     if spec["small_stem"]:
         _apply_small_stem(model)
     spec = {"name": spec["name"], "kwargs": kwargs, "small_stem": spec["small_stem"], "registered": name}
     if weights:
         load_weights(model, weights, name)
     return model, spec
+
+
+def _check_patch_fits(model: torch.nn.Module, name: str, img_size: int | None) -> None:
+    """A ViT whose patch is larger than the image fails deep inside its first convolution; say it here."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size is None or patch is None:
+        return
+    side = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
+    if img_size < side:
+        raise UserError(f"'{name}' cuts {side}-px patches but the images are {img_size} px; use images of at "
+                        f"least {side} px (data.img_size; for profile, --img-size), or a model with smaller patches")
 
 
 def _resolution_overlay(kwargs: dict[str, Any]) -> dict[str, Any]:

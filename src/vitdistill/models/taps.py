@@ -201,7 +201,12 @@ def describe(model: nn.Module, name: str, input_size: tuple[int, int, int], num_
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         with taps.capture():
-            model(torch.zeros((1, *input_size), device=device))
+            try:
+                model(torch.zeros((1, *input_size), device=device))
+            except RuntimeError as exc:  # e.g. a CNN whose strides leave nothing of a tiny image
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise UserError(f"'{name}' cannot run on {'x'.join(map(str, input_size))} inputs: {why}; use a larger "
+                                "data.img_size or other model overrides") from None
         feats = taps.pop()
     finally:
         taps.remove()
