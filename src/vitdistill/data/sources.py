@@ -192,7 +192,6 @@ def _load_imagefolder(
 ) -> Dataset:
     if path.is_dir():
         listing: Listing | None = list_directory(path)
-        assert listing is not None
         _check_classes(listing, path)  # before the cache: an empty folder does not change the fingerprint
         inputs = [[e.name, *_stamp(e, path)] for e in listing.entries]
     elif path.is_file() and is_archive(path):
@@ -205,12 +204,15 @@ def _load_imagefolder(
                       "val_fraction": val_fraction})
 
     def build() -> Dataset:
-        read = listing if listing is not None else read_archive(path)
-        found = read.entries
+        found = listing.entries if listing is not None else []
+        if listing is None:  # an archive is read, and so checked, only when the cache misses
+            read = read_archive(path)
+            found = read.entries
+            if found:
+                _check_classes(read, path)
         if not found:
             raise UserError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {path}; "
                             "expected <class>/<image> or train/<class>/<image> and test/<class>/<image>")
-        _check_classes(read, path)
         layout = split_layout(found)
         if layout is not None:
             return _build(_archive_stem(path), layout[0], layout[1], (path, path), img_size, fp, _NATURAL_AUG)
