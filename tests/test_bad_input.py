@@ -112,7 +112,12 @@ def test_a_teacher_without_weights_is_refused(teacher_run: Path, tmp_path: Path)
     assert not (tmp_path / "d").exists()
     _fails("distill", "--teacher", "resnet_micro_cnn", "--teacher-weights", f"{teacher_run},{teacher_run}",
            "--student", "vit_femto_patch4_16", "--method", "logit-kd", *TINY, "--out", str(tmp_path / "d"),
-           says="1 teachers but 2 teacher weights")
+           says="1 teacher but 2 weights files")
+    for method in ("logit-kd", "dkd"):  # the second teacher would run on every batch and never be read
+        _fails("distill", "--teacher", "resnet_micro_cnn,resnet_micro_cnn", "--teacher-weights",
+               f"{teacher_run},{teacher_run}", "--student", "vit_femto_patch4_16", "--method", method, *TINY,
+               "--out", str(tmp_path / "d"), says=f"method '{method}' learns from 1 teacher and got 2 teachers")
+    assert not (tmp_path / "d").exists()
     _fails("eval", "--student", str(teacher_run), "--teacher", "resnet_micro_cnn", says="needs its weights")
 
 

@@ -226,6 +226,32 @@ def test_bad_grid_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 2 and err.startswith("error:") and says in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("sets, says", [
+    (["compare.cells=[{method: none}, {method: logit-kd, teacher: resnet_micro_cnnn, teacher_weights: x}]"],
+     "cell 'logit-kd': unknown model 'resnet_micro_cnnn' (did you mean 'resnet_micro_cnn'?)"),
+    (["compare.cells=[{method: none}, {method: deit-hard, student: vit_femto_patch4_16}]"],
+     "cell 'deit-hard': method 'deit-hard' needs a student with a distillation token"),
+    (["compare.cells=[{method: none}, {method: co-advise}]"],
+     "cell 'co-advise': method 'co-advise' needs 2 teachers and got 1 teacher;"),
+    (["compare.teacher.model=resnet_micro_cnnx"], "the compare teacher: unknown model 'resnet_micro_cnnx'"),
+    (["compare.teacher.weights=nope.safetensors"], "the compare teacher: weights file 'nope.safetensors' does not"),
+    (["data.source=imagefolder:nope"], "the compare teacher: data path 'nope' does not exist"),
+    (["compare.cells=[{method: none}, {method: manifold, knobs: {student_layers: [9], teacher_layers: [0]}}]"], "cell 'manifold': layer 9 does not exist in 'vit_femto_patch4_16'"),
+])
+def test_a_cell_that_cannot_run_stops_the_grid_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              sets: list[str], says: str) -> None:
+    """What the run would refuse at its start is refused for every cell before the first run trains,
+    in a dry run as in a real one, and the real one leaves no folder behind."""
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]
+    for extra in ([], ["--dry-run"]):
+        code = main([*args, *(x for s in sets for x in ("--set", s)), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+        assert not out.exists()
+
+
 def test_missing_config_through_the_cli(tmp_path: Path) -> None:
     r = run_cli_fast("compare", "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and r.stderr.startswith("error: cannot read config") and "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,14 @@ def test_corrupt_shard_is_named(teacher_run: Path, tmp_path: Path) -> None:
     source(None, idx, 0)  # epoch 0 is intact
     with pytest.raises(UserError, match=r"epoch_0001\.safetensors.*corrupt"):
         source(None, idx, 1)
+    # a new run names the bad shard before its first step, not at epoch 1; compare sees it unfinished
+    with pytest.raises(UserError, match=r"epoch_0001\.safetensors' is corrupt \(checksum mismatch\)"):
+        tc.CachedTeacher(tmp_path / "c", header, torch.device("cpu"))
+    from vitdistill.compare import _cache_done
+
+    assert not _cache_done(tmp_path / "c", 2)
+    cache_teacher(cfg, str(tmp_path / "c"))  # rewrites the one bad shard
+    assert _cache_done(tmp_path / "c", 2) and tc.CachedTeacher(tmp_path / "c", header, torch.device("cpu"))
     shard.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
     with pytest.raises(UserError, match=r"epoch_0001\.safetensors.*corrupt"):
         tc.read_shard(shard, tc.header_digest(header), 1)
@@ -245,3 +254,46 @@ def test_cli_cached_distill_equals_online(teacher_run: Path, tmp_path: Path) -> 
     r = run_cli("distill", "--teacher-cache", str(cache), "--out", str(tmp_path / "more"), *common, "--epochs", "3")
     assert r.returncode == 2 and "holds 2 epochs" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "more").exists()
+
+
+def test_a_header_without_the_fields_a_run_reads_is_named(tmp_path: Path) -> None:
+    """Parsed JSON that is not a header cache-teacher wrote: one line, not a KeyError in the run."""
+    (tmp_path / "c").mkdir()
+    good = {"format": 2, "teacher": "t", "teacher_hash": "h", "num_samples": 8, "num_classes": 10, "topk": 10,
+            "value_dtype": "float16", "epochs": 2, "seed": 0}
+    (tmp_path / "c" / "header.json").write_text(json.dumps(good))
+    assert tc.read_header(tmp_path / "c") == good
+    for bad, says in [({k: v for k, v in good.items() if k != "epochs"}, "lacks 'epochs'"),
+                      ({**good, "epochs": "2"}, "has a wrong str 'epochs'"),
+                      ({**good, "num_classes": True}, "has a wrong bool 'num_classes'"),
+                      ({**good, "topk": -1}, "has a wrong int 'topk'"),
+                      ({**good, "value_dtype": "int8"}, "has a wrong str 'value_dtype'")]:
+        (tmp_path / "c" / "header.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=f"is corrupt: it {re.escape(says)}; remove the folder"):
+            tc.read_header(tmp_path / "c")
+
+
+def test_fewer_epochs_on_an_interrupted_cache_write_only_those(teacher_run: Path, tmp_path: Path) -> None:
+    """cache-teacher --epochs 1 on a cache planned for 3 of which none was written writes epoch 0
+    only; the header keeps the 3, and a 3-epoch run names the missing shard before its first step."""
+    cfg = _cfg(teacher_run)
+    cfg.train.epochs = 3
+    cache_teacher(cfg, str(tmp_path / "c"))
+    for e in (0, 1, 2):
+        tc.shard_path(tmp_path / "c", e).unlink()
+    cfg.train.epochs = 1
+    got = cache_teacher(cfg, str(tmp_path / "c"))
+    assert got["written"] == 1 and got["epochs"] == 3
+    assert [tc.shard_path(tmp_path / "c", e).exists() for e in (0, 1, 2)] == [True, False, False]
+    header = tc.read_header(tmp_path / "c")
+    with pytest.raises(UserError, match=r"epoch_0001\.safetensors' is missing"):
+        tc.CachedTeacher(tmp_path / "c", header, torch.device("cpu"))
+
+
+def test_a_cache_of_another_config_says_to_use_a_new_folder(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = _cfg(teacher_run)
+    cache_teacher(cfg, str(tmp_path / "c"))
+    cfg.data.pad = 1
+    with pytest.raises(UserError, match=r"made for pad=\d+, this run has 1; write this config's cache into a new "
+                                        r"--cache folder \(or delete this one\)"):
+        cache_teacher(cfg, str(tmp_path / "c"))

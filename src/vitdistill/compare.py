@@ -164,13 +164,17 @@ def _status(run_dir: Path) -> str:
 
 
 def _cache_done(cache_dir: Path, epochs: int) -> bool:
-    head = cache_dir / "header.json"
+    """Whether the cache holds ``epochs`` epochs of shards that pass their checksums (a damaged
+    one is rewritten by cache-teacher, not found by the run at its epoch)."""
+    from vitdistill import teacher_cache as tc
+
     try:
-        have = json.loads(head.read_text())["epochs"] if head.exists() else 0
-    except (ValueError, KeyError):
+        header = tc.read_header(cache_dir)
+    except UserError:
         return False
-    return (have >= epochs and (cache_dir / "test.safetensors").exists()
-            and all((cache_dir / f"epoch_{e:04d}.safetensors").exists() for e in range(epochs)))
+    digest = tc.header_digest(header)
+    return (header["epochs"] >= epochs and (cache_dir / "test.safetensors").exists()
+            and all(tc.shard_is_valid(tc.shard_path(cache_dir, e), digest, e) for e in range(epochs)))
 
 
 def _slug(text: str) -> str:
@@ -181,8 +185,6 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
     """(teacher job, cache jobs, run jobs in order: seed-major, cells in config order)."""
     from vitdistill.engine.setup import teacher_names
     from vitdistill.methods import METHODS, build_method
-    from vitdistill.models import TINY_MODELS
-    from vitdistill.models.factory import known_model, resolve_weights_path
 
     out = out.resolve()
     teacher_job, teacher_ref = None, {}
@@ -198,13 +200,6 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
         teacher_ref = {"teacher": t["model"], "teacher_weights": str(out / "teacher"),
                        "teacher_kwargs": t.get("kwargs") or {}}
     classes = {c.label: METHODS.get(c.method) for c in spec.cells}
-    for c in spec.cells:
-        if not known_model(c.student):
-            import timm
-
-            choices = list(TINY_MODELS) + timm.list_models(pretrained=False)
-            raise UserError(f"unknown model '{c.student}'{did_you_mean(c.student, choices)} in cell '{c.label}'; "
-                            "`vitdistill models` lists them")
     caches: dict[Path, Job] = {}
     runs: list[Job] = []
     for seed in spec.seeds:
@@ -233,12 +228,6 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
             weights = [w.strip() for w in (cfg.model.teacher_weights or "").split(",") if w.strip()]
             own = Path(teacher_ref["teacher_weights"]).resolve() if teacher_ref else None
             job.needs_teacher_run = own is not None and any(Path(w).resolve() == own for w in weights)
-            for w in weights:
-                if Path(w).resolve() != own:
-                    try:  # a wrong path fails now, not in the middle of the grid
-                        resolve_weights_path(w)
-                    except UserError as exc:
-                        raise UserError(f"cell '{cell.label}': {exc}") from None
             use = spec.teacher_cache if cell.teacher_cache is None else cell.teacher_cache
             if use and cls.teacher_outputs == ("logits",) and cfg.model.teacher:
                 # one cache per teacher, shared by every cell of the seed that has the same teacher
@@ -260,7 +249,23 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                 job.caches = tuple(job_caches)
                 cfg.cache.dir = ",".join(map(str, job_caches))
             runs.append(job)
+    _check_jobs(teacher_job, list(caches.values()), runs, spec.seeds[0])
     return teacher_job, list(caches.values()), runs
+
+
+def _check_jobs(teacher: Job | None, caches: list[Job], runs: list[Job], seed: int) -> None:
+    """Every cell checked as its run would check it (on its first seed: the others differ only in
+    the seed), so that a cell that cannot run stops the grid before any run trains."""
+    from vitdistill.engine.preflight import check_run
+
+    memo: dict = {}
+    unwritten = frozenset([teacher.out.resolve()] if teacher else []) | {c.out.resolve() for c in caches}
+    for job, where in ([(teacher, "the compare teacher")] if teacher else []) + [
+            (j, f"cell '{j.label}'") for j in runs if j.seed == seed]:
+        try:
+            check_run(job.cfg, job.mode, memo, unwritten)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

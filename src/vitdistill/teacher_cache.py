@@ -105,15 +105,18 @@ def header_digest(header: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def check_header(found: dict, wanted: dict, where: Path, fields: tuple[str, ...] = MATCH_FIELDS) -> None:
-    """A cache built for another teacher, data, augmentation or seed is an error naming the field."""
+_WRITING = "write this config's cache into a new --cache folder (or delete this one)"
+_REPLAYING = "write a cache for this config with `vitdistill cache-teacher` into a new folder, or use a matching config"
+
+
+def check_header(found: dict, wanted: dict, where: Path, fields: tuple[str, ...] = MATCH_FIELDS,
+                 fix: str = _REPLAYING) -> None:
+    """A cache built for another teacher, data, augmentation or seed is an error naming the field;
+    ``fix`` says what to do (a run replaying the cache and cache-teacher writing it differ)."""
     have, want = _core(found), _core(wanted)
     for key in fields:
         if have[key] != want[key]:
-            raise UserError(
-                f"teacher cache '{where}' was made for {key}={have[key]!r}, this run has {want[key]!r}; "
-                "rebuild it with `vitdistill cache-teacher` for this run's config, or use a matching config"
-            )
+            raise UserError(f"teacher cache '{where}' was made for {key}={have[key]!r}, this run has {want[key]!r}; {fix}")
     if found["epochs"] < wanted["epochs"]:
         raise UserError(f"teacher cache '{where}' holds {found['epochs']} epochs, this run needs {wanted['epochs']}; "
                         "rebuild it with --epochs at least that")
@@ -146,23 +149,6 @@ def read_shard(path: Path, digest: str, epoch: int) -> tuple[torch.Tensor, torch
         raise UserError(f"teacher cache shard '{path}' is corrupt (checksum mismatch); delete it and rerun "
                         "`vitdistill cache-teacher` to rewrite it")
     return values, indices
-
-
-def check_shard_header(path: Path, digest: str, epoch: int) -> None:
-    """What :func:`read_shard` checks of a shard but its checksum: it exists, parses, and belongs
-    to this cache and epoch. Reads only the safetensors header, so a run can check every epoch's
-    shard before its first step instead of failing at the epoch of a broken one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-    except FileNotFoundError:
-        raise UserError(f"teacher cache shard '{path}' is missing; rerun `vitdistill cache-teacher` to write it") from None
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
-        raise UserError(f"teacher cache shard '{path}' is corrupt ({type(exc).__name__}); delete it and rerun "
-                        "`vitdistill cache-teacher` to rewrite it") from None
-    if meta.get("header") != digest or meta.get("epoch") != str(epoch) or keys != {"values", "indices"}:
-        raise UserError(f"teacher cache shard '{path}' belongs to another cache; delete it and rerun cache-teacher")
 
 
 def shard_is_valid(path: Path, digest: str, epoch: int) -> bool:
@@ -198,14 +184,16 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
         io.check_folder(cache_dir, "--cache")
         io.make_folder(cache_dir, "--cache")
         head = cache_dir / "header.json"
+        asked = header["epochs"]
         if head.exists():
             old = read_header(cache_dir)
             if _core(old) != _core(header):
-                check_header(old, header, cache_dir)  # raises, naming the first field that differs
-            header = {**header, "epochs": max(header["epochs"], old["epochs"])}
+                check_header(old, header, cache_dir, fix=_WRITING)  # raises, naming the first field that differs
+            # the header keeps the most epochs ever asked for; this call writes the ones it is asked for
+            header = {**header, "epochs": max(asked, old["epochs"])}
         io.write_json(head, header)
         d = header_digest(header)
-        return header, [e for e in range(header["epochs"]) if not shard_is_valid(shard_path(cache_dir, e), d, e)]
+        return header, [e for e in range(asked) if not shard_is_valid(shard_path(cache_dir, e), d, e)]
 
     header, todo = dist.on_main(prepare)
     digest = header_digest(header)
@@ -258,7 +246,23 @@ def read_header(cache_dir: Path) -> dict:
         header = None
     if not isinstance(header, dict):
         raise UserError(f"teacher cache header '{head}' is corrupt; remove the folder and rerun `vitdistill cache-teacher`")
+    wrong = next((k for k, kind in _HEADER_TYPES.items() if k not in header or not _is(header[k], kind)), None)
+    if wrong is None and header["value_dtype"] not in _DTYPES:
+        wrong = "value_dtype"
+    if wrong is not None:  # parsed, but not a header cache-teacher wrote: KeyErrors deep in the run otherwise
+        what = "lacks" if wrong not in header else f"has a wrong {type(header[wrong]).__name__}"
+        raise UserError(f"teacher cache header '{head}' is corrupt: it {what} '{wrong}'; remove the folder and rerun "
+                        "`vitdistill cache-teacher`")
     return header
+
+
+# the fields a run reads from a header by name (the rest are only compared)
+_HEADER_TYPES = {"format": int, "teacher": str, "teacher_hash": str, "num_samples": int, "num_classes": int,
+                 "topk": int, "value_dtype": str, "epochs": int, "seed": int}
+
+
+def _is(value: object, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and (kind is not int or value >= 0)
 
 
 class CachedTeacher:
@@ -271,9 +275,11 @@ class CachedTeacher:
         self.header = read_header(self.dir)
         check_header(self.header, wanted, self.dir, REPLAY_FIELDS)
         self.digest = header_digest(self.header)
-        # the shards this run will read (a cache may hold more) are named now if broken, not at their epoch
+        # the shards this run will read (a cache may hold more) are verified now, checksums included,
+        # so a broken one is named before the first step and not at its epoch: a shard is N * k * 3
+        # bytes (1.5 MB for CIFAR-10 at k = 10), far less to hash than the run has to train
         for epoch in range(min(wanted.get("epochs", self.header["epochs"]), self.header["epochs"])):
-            check_shard_header(shard_path(self.dir, epoch), self.digest, epoch)
+            read_shard(shard_path(self.dir, epoch), self.digest, epoch)
         self.device = device
         self.num_classes = self.header["num_classes"]
         self._epoch: int | None = None

@@ -63,8 +63,8 @@ def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
     names = [n.strip() for n in (cfg.model.teacher or "").split(",") if n.strip()]
     weights = [w.strip() or None for w in cfg.model.teacher_weights.split(",")] if cfg.model.teacher_weights else []
     if (len(names) > 1 and weights and len(weights) != len(names)) or (len(names) == 1 and len(weights) > 1):
-        raise UserError(f"{len(names)} teachers but {len(weights)} teacher weights; give one weights file per "
-                        "teacher, comma-separated, in the same order")
+        raise UserError(f"{len(names)} teacher{'s' * (len(names) != 1)} but {len(weights)} weights files; give one "
+                        "weights file per teacher, comma-separated, in the same order")
     return list(zip(names, weights if len(names) > 1 else (weights[:1] or [None])))
 
 
@@ -74,7 +74,10 @@ def build_teacher(cfg: Config, data: Dataset, why: str) -> tuple[Teacher, dict]:
     return teachers[0], specs[0]
 
 
-def build_teachers(cfg: Config, data: Dataset, why: str) -> tuple[list[Teacher], list[dict]]:
+def build_teachers(cfg: Config, data: Dataset, why: str,
+                   unwritten: frozenset[Path] = frozenset()) -> tuple[list[Teacher], list[dict]]:
+    """Every teacher of ``cfg``, frozen. A teacher whose weights path is in ``unwritten`` (resolved:
+    a compare grid's own teacher, not trained yet) is built with random weights, for a shape check."""
     m = cfg.model
     named = teacher_names(cfg)
     if not named:
@@ -85,7 +88,9 @@ def build_teachers(cfg: Config, data: Dataset, why: str) -> tuple[list[Teacher],
         if weights is None and not m.pretrained:
             raise UserError(f"teacher '{name}' has no weights, and a random teacher teaches nothing; pass "
                             "--teacher-weights FILE (or --set model.pretrained=true for timm's hub weights)")
-        model, spec = create_model(name, data.num_classes, img_size, m.teacher_kwargs, m.pretrained, weights)
+        later = weights is not None and Path(weights).resolve() in unwritten
+        model, spec = create_model(name, data.num_classes, img_size, m.teacher_kwargs, m.pretrained and not later,
+                                   None if later else weights)
         teachers.append(Teacher(model))
         specs.append(spec)
     return teachers, specs
@@ -116,15 +121,38 @@ class TeacherSide:
     cache_teachers: list[str] = field(default_factory=list)  # replayed caches: each one's teacher name
 
 
+def check_teacher_count(method: Method, n: int, caches: bool = False) -> None:
+    """A one-line error when ``method`` cannot learn from ``n`` teachers (or teacher caches)."""
+    what = f"{n} teacher cache{'s' * (n != 1)}" if caches else f"{n} teacher{'s' * (n != 1)}"
+    if n < method.teachers_needed:
+        how = ("give one cache per teacher, comma-separated: --teacher-cache DA,DB" if caches else
+               "pass them comma-separated: --teacher A,B --teacher-weights WA,WB")
+        raise UserError(f"method '{method.name}' needs {method.teachers_needed} teachers and got {what}; {how}")
+    if method.teachers_most is not None and n > method.teachers_most:
+        # the rest would be run (or replayed) and never read
+        raise UserError(f"method '{method.name}' learns from {method.teachers_most} teacher and got {what}; give one "
+                        "(co-advise is the method that learns from several)")
+
+
+def check_cache_dirs(method: Method, n_teachers: int, dirs: list[str]) -> None:
+    """One-line errors for caches that cannot stand in for the named teachers (none named: 0)."""
+    if n_teachers and len(dirs) != n_teachers:
+        raise UserError(f"{n_teachers} teachers but {len(dirs)} teacher cache{'s' * (len(dirs) != 1)}; give one "
+                        "cache per teacher, comma-separated, in the same order: --teacher-cache DA,DB")
+    check_teacher_count(method, len(dirs), caches=True)
+    missing = set(method.teacher_outputs) - set(tc.CachedTeacher.provides)
+    if missing:
+        raise UserError(f"method '{method.name}' needs teacher outputs {sorted(missing)} that a teacher cache does "
+                        "not hold; drop --teacher-cache to run the teacher live")
+
+
 def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.device) -> TeacherSide:
     """The live teacher(s), or the cache in ``cache.dir``; plus the first teacher's test logits."""
     teacher, spec = (None, None)
     teachers: list[Teacher] = []
     if cfg.model.teacher or not cfg.cache.dir:
         teachers, specs = build_teachers(cfg, data, f"method '{method.name}'")
-        if len(teachers) < method.teachers_needed:
-            raise UserError(f"method '{method.name}' needs {method.teachers_needed} teachers and got {len(teachers)}; "
-                            "pass them comma-separated: --teacher A,B --teacher-weights WA,WB")
+        check_teacher_count(method, len(teachers))
         for t in teachers:
             t.to(device)
         channels_last_teachers(cfg.train, teachers, device)
@@ -138,17 +166,7 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
                            for t in teachers[1:]] if len(teachers) > 1 else []
         return TeacherSide(LiveTeacher(live, stream), logits, teacher, spec, teachers, each)
     dirs = split_dirs(cfg.cache.dir)
-    if teachers and len(dirs) != len(teachers):
-        raise UserError(f"{len(teachers)} teachers but {len(dirs)} teacher cache{'s' * (len(dirs) != 1)}; give one "
-                        "cache per teacher, comma-separated, in the same order: --teacher-cache DA,DB")
-    if len(dirs) < method.teachers_needed:
-        raise UserError(f"method '{method.name}' needs {method.teachers_needed} teachers and got {len(dirs)} teacher "
-                        f"cache{'s' * (len(dirs) != 1)}; give one cache per teacher, comma-separated: "
-                        "--teacher-cache DA,DB")
-    missing = set(method.teacher_outputs) - set(tc.CachedTeacher.provides)
-    if missing:
-        raise UserError(f"method '{method.name}' needs teacher outputs {sorted(missing)} that a teacher cache does "
-                        "not hold; drop --teacher-cache to run the teacher live")
+    check_cache_dirs(method, len(teachers), dirs)
     named = teacher_names(cfg)
     caches = []
     for i, cache_dir in enumerate(map(Path, dirs)):

@@ -45,6 +45,7 @@ class Method(torch.nn.Module):
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
     needs_dist_token: ClassVar[bool] = False
     teachers_needed: ClassVar[int] = 1  # the least number of teachers the method works with
+    teachers_most: ClassVar[int | None] = 1  # the most it learns from (None: any number)
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -116,6 +116,7 @@ class CoAdvise(Method):
     paper = "Ren et al. 2022, Co-advise: Cross Inductive Bias Distillation"
     teacher_outputs = ("logits",)
     teachers_needed = 2
+    teachers_most = None
 
     def __init__(self, teachers: int = 2, kd: str = "soft", tau: float = 1.0, kd_weight: float = 1.0,
                  label_smoothing: float = 0.0) -> None:
