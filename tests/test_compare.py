@@ -112,6 +112,37 @@ def test_rerun_trains_nothing_and_report_only_rebuilds(grid: Path, capsys: pytes
     assert capsys.readouterr().out.count("[done]") == 7
 
 
+def test_leaderboard_holds_only_the_grids_cells_and_seeds(grid: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """Folders of a cell or seed since dropped from the grid stay on disk but out of the board,
+    and the report says which; damaged files of a run are one-line errors."""
+    out = tmp_path / "g"
+    shutil.copytree(grid, out)
+    _fake_run(out, "dropped", 0, student_top1=0.99, method="none", student="x")
+    _fake_run(out, "none", 7, student_top1=0.99, method="none", student="vit_femto_patch4_16")
+    assert main(["compare", "--out", str(out), "--report-only"]) == 0
+    said = capsys.readouterr().out
+    assert "left out, not in the grid of" in said and "cells/dropped, cells/none/seed7" in said
+    with open(out / "leaderboard.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {*CELLS, "teacher"} and rows["none"]["n_seeds"] == "2"
+    assert float(rows["none"]["top1_mean"]) < 0.99
+    for path, text, says in [("cells/none/seed0/summary.json", '{"student_top1": ', "(not JSON)"),
+                             ("cells/none/seed0/summary.json", '{"method": "none"}', "(no student_top1)"),
+                             ("cells/none/seed1/metrics.jsonl", '{"epoch": 1}\n{"epo', "(line 2 is not an epoch"),
+                             ("compare.json", "[]", "compare.json' is damaged; delete it and rerun")]:
+        good = (out / path).read_text()
+        (out / path).write_text(text)
+        for args in (["--out", str(out), "--report-only"],
+                     ["--config", str(grid.parent / "grid.yaml"), "--out", str(out)]):
+            r = run_cli_fast("compare", *args)
+            if path == "compare.json" and "--config" in args:
+                assert r.returncode == 0  # a rerun writes it again
+                continue
+            assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        (out / path).write_text(good)
+
+
 def test_html_renders_in_headless_chromium(grid: Path, tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:

@@ -361,11 +361,12 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
     ``trains_teacher`` False (shards 2..N): the teacher run is shard 1's; runs that need it wait."""
     from vitdistill.engine.run import run
     from vitdistill.engine.setup import cache_teacher
+    from vitdistill.report.leaderboard import read_summary
 
     progress = Progress(runs)
     for job in runs:
-        if dist.is_main() and (job.out / "summary.json").exists():
-            summary = json.loads((job.out / "summary.json").read_text())
+        summary = read_summary(job.out) if dist.is_main() else None
+        if summary is not None:
             progress.record(job.label, float(summary.get("wall_s") or 0), int(summary.get("epochs") or 0))
     teacher_ready = True
     if teacher is not None and not trains_teacher:
@@ -449,7 +450,7 @@ def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Sp
 
 def compare_cli(args: Any) -> int:
     """``vitdistill compare``: plan, run what is missing, write the leaderboard."""
-    from vitdistill.report.leaderboard import write_leaderboard
+    from vitdistill.report.leaderboard import left_out, write_leaderboard
 
     raw: dict = {}
     sets: list[dict] = []
@@ -470,6 +471,9 @@ def compare_cli(args: Any) -> int:
         if dist.env_world()[0] == 0:  # under torchrun only rank 0 writes
             rows = write_leaderboard(out)
             print(f"leaderboard of {len(rows)} rows in {out}/leaderboard.html (.md, .csv)")
+            gone = left_out(out)
+            if gone:
+                print(f"left out, not in the grid of {out / 'compare.json'}: {', '.join(gone)}")
         return 0
     base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else [])
     spec = parse_spec(section, build_config(base).model.student)
@@ -485,7 +489,8 @@ def compare_cli(args: Any) -> int:
         if dist.is_main():
             io.make_folder(out)
             io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
-                                                 "teacher": "teacher" if teacher else None})
+                                                 "teacher": "teacher" if teacher else None,
+                                                 "out": str(out.resolve())})
         try:
             left = execute(teacher, caches, runs, trains_teacher=shard is None or shard[0] == 1)
         except KeyboardInterrupt:
@@ -498,6 +503,9 @@ def compare_cli(args: Any) -> int:
             return 0
         write_leaderboard(out)
         print((out / "leaderboard.md").read_text())
+        gone = left_out(out)
+        if gone:
+            print(f"left out of the leaderboard, not in this grid: {', '.join(gone)}")
         tail = f"; {left} runs unfinished, rerun the same command to continue" if left else ""
         others = sum(not (j.out / "summary.json").exists() for j in every_run) - left
         if shard is not None and others > 0:

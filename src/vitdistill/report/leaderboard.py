@@ -47,8 +47,38 @@ _PREFORMATTED = ("best", "top1_txt", "gain_txt", "gain_ci_txt", "kept_txt")
 _COST = ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")
 
 
+def _damaged(path: Path, why: str) -> UserError:
+    return UserError(f"'{path}' is damaged ({why}); delete its run folder to train that run again, or restore the file")
+
+
 def _read_json_lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise _damaged(path, f"line {n} is not an epoch's metrics")
+            rows.append(row)
+    return rows
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A finished run's ``summary.json`` (None when there is none); a damaged one is a one-line error."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text(errors="replace"))
+    except ValueError:
+        raise _damaged(path, "not JSON") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("student_top1"), (int, float)):
+        raise _damaged(path, "no student_top1")
+    return summary
 
 
 def _mean(values: list) -> float | None:
@@ -63,10 +93,9 @@ def _seed_of(run_dir: Path) -> int | None:
 
 def _run(run_dir: Path) -> dict | None:
     """A finished run's summary with its metrics and teacher identity, or None when unfinished."""
-    path = run_dir / "summary.json"
-    if not path.exists():
+    summary = read_summary(run_dir)
+    if summary is None:
         return None
-    summary = json.loads(path.read_text())
     try:
         model = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model", {})
     except (OSError, yaml.YAMLError):
@@ -77,20 +106,63 @@ def _run(run_dir: Path) -> dict | None:
     return summary
 
 
-def collect(out: Path) -> tuple[dict[str, list[dict]], dict | None]:
-    """Finished runs per cell label (in the grid's order when ``compare.json`` is there) and the
-    teacher run's summary (``None`` when the teacher was given, not trained here)."""
-    order: list[str] = []
-    if (out / "compare.json").exists():
-        order = list(json.loads((out / "compare.json").read_text()).get("cells", []))
+def _grid(out: Path) -> tuple[list[str], set[int], str | None] | None:
+    """(cell labels, seeds, the folder it was run in) of the grid last run into ``out``, from its
+    ``compare.json``; None without one."""
+    path = out / "compare.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(errors="replace"))
+        return [str(c) for c in saved["cells"]], {int(s) for s in saved["seeds"]}, saved.get("out")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise UserError(f"'{path}' is damaged; delete it and rerun `vitdistill compare` with the grid's config, "
+                        "which writes it again") from None
+
+
+def _folders(out: Path) -> list[tuple[str, list[Path]]]:
     found = sorted(p.name for p in (out / "cells").iterdir() if p.is_dir()) if (out / "cells").is_dir() else []
+    return [(label, sorted((p for p in (out / "cells" / label).glob("seed*") if _seed_of(p) is not None),
+                           key=lambda p: _seed_of(p) or 0)) for label in found]
+
+
+def left_out(out: Path) -> list[str]:
+    """Run folders under ``cells/`` that the grid of ``compare.json`` no longer has (a cell or seed
+    since removed from the config); the leaderboard leaves them out."""
+    grid = _grid(Path(out))
+    if grid is None:
+        return []
+    labels, seeds, _ = grid
+    return [f"cells/{label}" + ("" if label not in labels else f"/{p.name}") for label, runs in _folders(Path(out))
+            for p in (runs[:1] if label not in labels else runs) if label not in labels or _seed_of(p) not in seeds]
+
+
+def collect(out: Path) -> tuple[dict[str, list[dict]], dict | None]:
+    """Finished runs per cell label and the teacher run's summary (``None`` when the teacher was
+    given, not trained here). With ``compare.json`` only the grid's cells and seeds count, in the
+    grid's order; without it (a folder put together by hand) every ``cells/<label>/seed<k>``."""
+    grid = _grid(out)
+    folders = dict(_folders(out))
+    labels = grid[0] if grid else list(folders)
     cells: dict[str, list[dict]] = {}
-    for label in order + [x for x in found if x not in order]:
-        seeds = sorted((out / "cells" / label).glob("seed*"), key=lambda p: _seed_of(p) or 0)
-        runs = [r for r in (_run(s) for s in seeds) if r is not None]
+    for label in labels:
+        picked = [p for p in folders.get(label, []) if grid is None or _seed_of(p) in grid[1]]
+        runs = [r for r in map(_run, picked) if r is not None]
         if runs:
             cells[label] = runs
+    if grid and grid[2] and Path(grid[2]) != out.resolve():  # a copied folder: its runs name the old teacher path
+        for r in (r for runs in cells.values() for r in runs):
+            r["_teacher_key"] = (r["_teacher_key"][0], _moved(r["_teacher_key"][1], Path(grid[2]), out))
+            for t in r.get("teachers") or []:
+                t["weights"] = _moved(t.get("weights"), Path(grid[2]), out)
     return cells, _run(out / "teacher")
+
+
+def _moved(weights: str | None, was: Path, now: Path) -> str | None:
+    """The grid's own teacher run named by where the grid was run, as where it is now."""
+    if weights and Path(weights) == was / "teacher":
+        return str(now.resolve() / "teacher")
+    return weights
 
 
 def _cell_row(label: str, runs: list[dict]) -> dict:
