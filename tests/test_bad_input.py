@@ -132,6 +132,43 @@ def test_a_corrupt_cache_header_is_named(teacher_run: Path, tmp_path: Path) -> N
                *TINY, "--out", str(tmp_path / "d"), says="is corrupt; remove the folder")
 
 
+def test_teacher_weights_without_a_teacher_are_refused(teacher_run: Path, tmp_path: Path) -> None:
+    """Weights with no architecture to load them into were silently dropped."""
+    cache = tmp_path / "cache"
+    for extra in ([], ["--teacher-cache", str(cache)]):
+        _fails("distill", "--teacher-weights", str(teacher_run), *extra, "--student", "vit_femto_patch4_16",
+               "--method", "logit-kd", *TINY, "--out", str(tmp_path / "d"), says="with no teacher model; name the")
+    _fails("cache-teacher", "--teacher-weights", str(teacher_run), *TINY, "--cache", str(cache),
+           says="with no teacher model")
+    _fails("eval", "--student", str(teacher_run), "--teacher-weights", str(teacher_run), says="with no --teacher")
+    assert not (tmp_path / "d").exists() and not cache.exists()
+
+
+def test_eval_of_a_run_with_other_weights_scores_those(teacher_run: Path, tmp_path: Path) -> None:
+    """`--student RUN --weights W` is the run's model with W's weights (before: W was ignored)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(teacher_run / "model.safetensors"))
+    head = next(k for k in reversed(list(state)) if k.endswith("weight") and state[k].ndim == 2)
+    state[head] = torch.zeros_like(state[head])  # every image gets the bias's class
+    state[head.replace("weight", "bias")] = torch.arange(state[head].shape[0], dtype=torch.float32)
+    save_file(state, str(tmp_path / "other.safetensors"))
+    own = json.loads(run_cli_fast("eval", "--student", str(teacher_run)).stdout)
+    other = json.loads(run_cli_fast("eval", "--student", str(teacher_run), "--weights",
+                                    str(tmp_path / "other.safetensors")).stdout)
+    from vitdistill.config import build_config, load_yaml
+    from vitdistill.engine.setup import load_run_data
+
+    labels = load_run_data(build_config([load_yaml(teacher_run / "config.yaml")])).test.labels
+    summary = json.loads((teacher_run / "summary.json").read_text())
+    assert own["n"] == other["n"] == len(labels) == summary["test_images"]
+    assert own["top1"] == pytest.approx(summary["student_top1"])
+    top = state[head].shape[0] - 1  # the largest bias wins on every image
+    assert other["top1"] == pytest.approx(float((labels == top).float().mean())) != own["top1"]
+    # --data names a data set to score on: its whole test split, not the run's subset of its own
+    assert json.loads(run_cli_fast("eval", "--student", str(teacher_run), "--data", "digits").stdout)["n"] > len(labels)
+
+
 def test_eval_and_profile_sizes_and_paths(teacher_run: Path, tmp_path: Path) -> None:
     _fails("eval", "--student", str(teacher_run), "--batch-size", "0", says="--batch-size 0: give at least 1")
     _fails("eval", "--student", str(tmp_path / "nope"), says="does not exist; give a run directory")

@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model (and agreement with a teacher)")
     p.add_argument("--student", required=True, help="a run directory, or a model name with --weights")
-    p.add_argument("--weights", help="weights file when --student is a model name")
+    p.add_argument("--weights", help="weights file: required with a model name; with a run directory, other weights "
+                   "for the run's model (default: the run's own)")
     p.add_argument("--data", help="data source (default: the run's)")
     p.add_argument("--teacher", help="teacher name, for agreement")
     p.add_argument("--teacher-weights", help="teacher weights, for agreement")
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="the student as an ONNX file (uint8 images in, logits out), checked in "
                        "ONNX Runtime; --int8 adds a quantized twin")
     p.add_argument("--student", required=True, help="a run directory, or a model name with --weights")
-    p.add_argument("--weights", help="weights file when --student is a model name")
+    p.add_argument("--weights", help="weights file: required with a model name; with a run directory, other weights "
+                   "for the run's model (default: the run's own)")
     p.add_argument("--data", help="data source, for the class count, input size and the check (default: the run's)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version, 18 to 25")

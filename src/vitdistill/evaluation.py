@@ -41,14 +41,16 @@ def _build(name: str, num_classes: int, img_size: int | None, kwargs: dict, weig
 def load_student(student: str, weights: str | None, data_spec: str | None,
                  command: str) -> tuple[str, Config, Dataset, torch.nn.Module]:
     """(name, config, data, model) for ``--student`` given as a run directory or as a model name
-    with ``--weights`` and ``--data``; the data defaults to the run's."""
+    with ``--weights`` and ``--data``. A run directory gives the architecture, the data and (unless
+    ``--weights`` gives others, e.g. another run's of the same model) the weights; its test subset
+    (``data.test_limit``) holds for its own data, while ``--data`` means that source's whole test split."""
     run_dir = Path(student)
     run_cfg = None
     if "/" in student and ":" not in student and not run_dir.exists():  # a path (hub names hold a colon)
         raise UserError(f"--student '{student}' does not exist; give a run directory or a model name with --weights")
     if run_dir.is_dir():
         cfg = run_cfg = _run_config(run_dir)
-        name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, str(run_dir)
+        name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, weights or str(run_dir)
     else:
         if not weights:
             raise UserError(f"{command} needs --weights FILE with a model name (or pass a run directory as --student)")
@@ -56,7 +58,7 @@ def load_student(student: str, weights: str | None, data_spec: str | None,
             raise UserError(f"{command} needs --data with a model name (or pass a run directory as --student)")
         cfg, name, kwargs = Config(), student, {}
     if data_spec:
-        cfg.data.source = data_spec
+        cfg.data.source, cfg.data.test_limit = data_spec, None
     data = load_run_data(cfg)
     return name, cfg, data, _build(name, data.num_classes, data.img_size, kwargs, weights, run_cfg).eval()
 
@@ -71,6 +73,9 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
     prep = InputPrep.for_model(model).to(device)
     logits = predict(lambda x: model(prep(x)), data.test, args.batch_size, device)
     teacher_pred = None
+    if args.teacher_weights and not args.teacher:
+        raise UserError("--teacher-weights is given with no --teacher; name the weights' architecture with "
+                        "--teacher NAME")
     if args.teacher:
         if not args.teacher_weights:
             raise UserError(f"agreement with teacher '{args.teacher}' needs its weights; pass --teacher-weights FILE")

@@ -62,6 +62,9 @@ def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
     """(name, weights) of each teacher; several are given comma-separated: ``--teacher a,b``."""
     names = [n.strip() for n in (cfg.model.teacher or "").split(",") if n.strip()]
     weights = [w.strip() or None for w in cfg.model.teacher_weights.split(",")] if cfg.model.teacher_weights else []
+    if weights and not names:
+        raise UserError("--teacher-weights (model.teacher_weights) is given with no teacher model; name the "
+                        "weights' architecture with --teacher NAME")
     if (len(names) > 1 and weights and len(weights) != len(names)) or (len(names) == 1 and len(weights) > 1):
         raise UserError(f"{len(names)} teacher{'s' * (len(names) != 1)} but {len(weights)} weights files; give one "
                         "weights file per teacher, comma-separated, in the same order")
