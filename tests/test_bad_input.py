@@ -132,6 +132,16 @@ def test_a_corrupt_cache_header_is_named(teacher_run: Path, tmp_path: Path) -> N
                *TINY, "--out", str(tmp_path / "d"), says="is corrupt; remove the folder")
 
 
+def test_a_finished_run_without_its_checkpoint_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_cli_here(*_train(out)) == 0
+    (out / "checkpoint.pt").unlink()  # what one does to save space once a run is done
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--resume"]):
+        _fails(*_train(out, *extra), says="holds a finished run (summary.json) without its checkpoint.pt")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_teacher_weights_without_a_teacher_are_refused(teacher_run: Path, tmp_path: Path) -> None:
     """Weights with no architecture to load them into were silently dropped."""
     cache = tmp_path / "cache"
@@ -320,3 +330,20 @@ def test_a_broken_cache_shard_is_named_before_the_first_step(teacher_run: Path, 
     (cache / "epoch_0001.safetensors").unlink()
     _fails("distill", "--teacher-cache", str(cache), "--student", "vit_femto_patch4_16", "--method", "logit-kd",
            "--epochs", "2", *TINY, "--out", str(out), says="epoch_0001.safetensors' is missing")
+
+
+def test_models_pattern_that_matches_nothing_says_so() -> None:
+    _fails("models", "--timm", "vit_femtoo", says="no model matches 'vit_femtoo' (did you mean 'vit_femto_patch4_16'?)")
+    _fails("models", "--timm", "zz*", says="no model matches 'zz*'; patterns take wildcards")
+    r = run_cli_fast("models", "--timm", "*femto*")
+    assert r.returncode == 0 and "vit_femto_patch4_16  (registered tiny config)" in r.stdout
+    assert "convnext_femto\n" in r.stdout
+
+
+def test_did_you_mean_prefers_the_names_own_family() -> None:
+    from vitdistill.errors import did_you_mean
+
+    names = ["convnext_femto", "vit_femto_patch4_16", "resnet18", "resnet18d"]
+    assert did_you_mean("vit_femtoo", names) == " (did you mean 'vit_femto_patch4_16'?)"
+    assert did_you_mean("resnet18x", names) == " (did you mean 'resnet18'?)"  # no family: the closest
+    assert did_you_mean("zzzz", names) == ""

@@ -94,6 +94,9 @@ def test_a_layer_only_changes_what_it_names():
         ("model.student_kwargs.depth=3", {"model": {"student_kwargs": {"depth": 3}}}),
         ("method=logit-kd", {"method": "logit-kd"}),
         (" train.seed =7", {"train": {"seed": 7}}),
+        ("out=#x", {"out": "#x"}),  # YAML reads a comment here, and the value as null
+        ("out=runs/a #2", {"out": "runs/a #2"}),
+        ("out=runs/a#2", {"out": "runs/a#2"}),
     ],
 )
 def test_parse_override_types(text, expected):

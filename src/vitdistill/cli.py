@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from vitdistill.config import Config, build_config, load_yaml, parse_override
-from vitdistill.errors import UserError
+from vitdistill.errors import UserError, did_you_mean
 
 # flag -> config key, for the options that train and distill share
 _COMMON = {
@@ -183,7 +183,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     from vitdistill.models import TINY_MODELS
 
     if args.timm:
-        for name in timm.list_models(args.timm):
+        import fnmatch
+
+        tiny = [n for n in [*TINY_MODELS, "rednet_micro_inv"] if fnmatch.fnmatchcase(n, args.timm)]
+        names = timm.list_models(args.timm)
+        if not names and not tiny:
+            hint = did_you_mean(args.timm, [*TINY_MODELS, *timm.list_models()]) if "*" not in args.timm else ""
+            raise UserError(f"no model matches '{args.timm}'{hint}; patterns take wildcards, e.g. --timm 'deit*'")
+        for name in tiny:
+            print(f"{name}  (registered tiny config)")
+        for name in names:
             print(name)
         return 0
     print("registered tiny configs (any timm model name works too; `vitdistill models --timm 'deit*'`):")

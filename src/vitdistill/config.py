@@ -214,10 +214,13 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise UserError(f"override '{text}' must look like key.path=value, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
-    try:
-        value = _safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
+    if re.search(r"(^|\s)#", raw):
+        value: Any = raw  # YAML would drop the rest as a comment (out=#3 meant null); a flag holds none
+    else:
+        try:
+            value = _safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
     nested: dict = {}
     cur = nested
     parts = key.strip().split(".")

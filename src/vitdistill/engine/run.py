@@ -108,7 +108,11 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
     io.check_folder(out)
     ckpt_path = out / "checkpoint.pt"
-    exists = dist.broadcast(ckpt_path.exists())  # rank 0's view decides, so no rank goes its own way
+    # rank 0's view decides, so no rank goes its own way
+    exists, finished = dist.broadcast((ckpt_path.exists(), (out / "summary.json").exists()))
+    if finished and not exists:  # its checkpoint deleted to save space: nothing to resume, much to lose
+        raise UserError(f"'{out}' holds a finished run (summary.json) without its checkpoint.pt, which neither "
+                        "a new run nor --resume may overwrite; choose another --out or delete the folder")
     if exists and not resume:
         raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
     set_threads(cfg.train.threads)
