@@ -347,3 +347,25 @@ def test_did_you_mean_prefers_the_names_own_family() -> None:
     assert did_you_mean("vit_femtoo", names) == " (did you mean 'vit_femto_patch4_16'?)"
     assert did_you_mean("resnet18x", names) == " (did you mean 'resnet18'?)"  # no family: the closest
     assert did_you_mean("zzzz", names) == ""
+
+
+def test_a_teacher_trained_on_other_classes_is_noted(teacher_run: Path, tmp_path: Path) -> None:
+    """Same class count, other classes: it loads without complaint, so the run says what it saw."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    weights = teacher_run / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["classes"]) == [str(i) for i in range(10)] and meta["data"] == "digits"
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    save_file(load_file(str(weights)), str(tmp_path / "other.safetensors"),
+              {**meta, "classes": json.dumps(cifar), "data": "cifar10:x"})
+    for teacher, noted in ((teacher_run, False), (tmp_path / "other.safetensors", True)):
+        r = run_cli_fast("distill", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher), "--student",
+                         "vit_femto_patch4_16", "--method", "logit-kd", "--epochs", "1", *TINY,
+                         "--out", str(tmp_path / f"d{noted}"))
+        assert r.returncode == 0, r.stderr
+        assert ("note: teacher 'resnet_micro_cnn'" in r.stderr) == noted, r.stderr
+    assert "trained on cifar10:x with classes [airplane, automobile, bird, cat, ...], this data's are [0, 1, 2, 3, " \
+           "...]" in r.stderr

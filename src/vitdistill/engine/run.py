@@ -239,7 +239,9 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
     weights_name = "student.safetensors" if mode == "distill" else "model.safetensors"
     io.write_safetensors(out / weights_name, student.state_dict(),
                          {"timm_name": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]),
-                          "small_stem": json.dumps(spec["small_stem"]), "vitdistill_model": cfg.model.student})
+                          "small_stem": json.dumps(spec["small_stem"]), "vitdistill_model": cfg.model.student,
+                          # what it was trained to score: a teacher used on other classes is named (setup)
+                          "classes": json.dumps(data.classes), "data": str(cfg.data.source)})
     final = metrics[-1] if metrics else {}
     summary = {
         "mode": mode, "method": method.name, "data": cfg.data.source, "student": cfg.model.student,

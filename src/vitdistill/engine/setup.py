@@ -5,6 +5,8 @@ cache replayed without running the teacher. The loop and the methods see the sam
 """
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +96,42 @@ def build_teachers(cfg: Config, data: Dataset, why: str,
         later = weights is not None and Path(weights).resolve() in unwritten
         model, spec = create_model(name, data.num_classes, img_size, m.teacher_kwargs, m.pretrained and not later,
                                    None if later else weights)
+        if weights is not None and not later:
+            note_other_classes(name, weights, data)
         teachers.append(Teacher(model))
         specs.append(spec)
     return teachers, specs
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def note_other_classes(name: str, weights: str, data: Dataset) -> None:
+    """A note (once per weights and data) when teacher weights written by a vitdistill run were
+    trained on other classes than this data's: with the same class count they load without a
+    complaint and teach every class as another. A note, not an error: the same classes may be
+    spelt otherwise (a copy of the data with renamed folders)."""
+    from safetensors import safe_open
+
+    from vitdistill.models.factory import resolve_weights_path
+
+    path = resolve_weights_path(weights)
+    if path.suffix != ".safetensors" or (str(path), data.fingerprint) in _NOTED:
+        return
+    _NOTED.add((str(path), data.fingerprint))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        trained = json.loads(meta["classes"])
+    except (KeyError, ValueError, OSError):  # weights from elsewhere (timm, a hub) say nothing of it
+        return
+    if trained != list(data.classes) and dist.is_main():
+        def show(c: list) -> str:
+            return ", ".join(map(str, c[:4])) + (", ..." if len(c) > 4 else "")
+
+        print(f"note: teacher '{name}' ({path}) was trained on {meta.get('data', 'other data')} with classes "
+              f"[{show(trained)}], this data's are [{show(list(data.classes))}]; a teacher must score the same "
+              "classes in the same order", file=sys.stderr, flush=True)
 
 
 def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: str, teacher_input: dict) -> dict:
