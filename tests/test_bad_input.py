@@ -369,3 +369,21 @@ def test_a_teacher_trained_on_other_classes_is_noted(teacher_run: Path, tmp_path
         assert ("note: teacher 'resnet_micro_cnn'" in r.stderr) == noted, r.stderr
     assert "trained on cifar10:x with classes [airplane, automobile, bird, cat, ...], this data's are [0, 1, 2, 3, " \
            "...]" in r.stderr
+
+
+def test_several_teachers_without_weights_are_each_named(tmp_path: Path) -> None:
+    _fails("distill", "--method", "co-advise", "--teacher", "resnet_micro_cnn,rednet_micro_inv", "--student",
+           "vit_femto_patch4_16", *TINY, "--out", str(tmp_path / "d"),
+           says="teacher 'resnet_micro_cnn' has no weights, and a random teacher teaches nothing")
+
+
+def test_cache_teacher_takes_no_training_flags() -> None:
+    """It trains nothing: --lr is refused, and --batch-size is the teacher's batch."""
+    from vitdistill.cli import _CACHE, _COMMON, build_parser, resolve_config
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["cache-teacher", "--lr", "0.1", "--cache", "c"])
+    assert stop.value.code == 2
+    args = build_parser().parse_args(["cache-teacher", "--batch-size", "32", "--cache", "c"])
+    cfg = resolve_config(args, {**_COMMON, **_CACHE})
+    assert cfg.train.eval_batch_size == 32

@@ -27,7 +27,9 @@ _DISTILL = {
     "teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "student": "model.student",
     "student_weights": "model.student_weights", "method": "method.name", "teacher_cache": "cache.dir",
 }
-_CACHE = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "topk": "cache.topk"}
+# cache-teacher trains nothing: its --batch-size is the teacher's batch
+_CACHE = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "topk": "cache.topk",
+          "batch_size": "train.eval_batch_size"}
 _TRAIN = {"model": "model.student", "weights": "model.student_weights"}
 _SYNTH = {"data": "data.source", "out": "out", "seed": "train.seed", "device": "train.device",
           "threads": "train.threads", "teacher": "model.teacher", "teacher_weights": "model.teacher_weights",
@@ -56,7 +58,7 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     return build_config(layers)
 
 
-def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, run_dir: bool = True, trains: bool = True) -> None:
     p.add_argument("--config", help="YAML config file (every option below is also a key there)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.epochs=3 (repeatable)")
@@ -64,8 +66,11 @@ def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     if run_dir:
         p.add_argument("--out", help="run directory (default runs/<mode>-<method>-<model>)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    if trains:
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float)
+    else:  # cache-teacher trains nothing: its batches are the teacher's
+        p.add_argument("--batch-size", type=int, help="images per teacher batch (train.eval_batch_size)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("cache-teacher", help="store the teacher's top-k outputs for every sample and epoch")
-    _add_common(p, run_dir=False)
+    _add_common(p, run_dir=False, trains=False)
     p.add_argument("--teacher", help="teacher model name")
     p.add_argument("--teacher-weights", help="teacher weights (safetensors, torch file or run directory)")
     p.add_argument("--topk", type=int, help="logits kept per sample and epoch (default 10)")

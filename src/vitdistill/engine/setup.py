@@ -70,7 +70,8 @@ def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
     if (len(names) > 1 and weights and len(weights) != len(names)) or (len(names) == 1 and len(weights) > 1):
         raise UserError(f"{len(names)} teacher{'s' * (len(names) != 1)} but {len(weights)} weights files; give one "
                         "weights file per teacher, comma-separated, in the same order")
-    return list(zip(names, weights if len(names) > 1 else (weights[:1] or [None])))
+    # no weights for several teachers: each is named, and build_teachers says each needs weights
+    return [(n, weights[i] if i < len(weights) else None) for i, n in enumerate(names)]
 
 
 def build_teacher(cfg: Config, data: Dataset, why: str) -> tuple[Teacher, dict]:

@@ -24,7 +24,7 @@ class TinyConfig:
     arch: str
     kwargs: dict
     summary: str
-    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 16-32 px inputs
+    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for small (8-32 px) inputs
 
 
 TINY_MODELS: Registry[TinyConfig] = Registry("model", "vitdistill models")
