@@ -218,3 +218,81 @@ def test_bad_inputs_end_in_one_line(digits_teacher: Path, tmp_path: Path) -> Non
     fails(*base, "--out", str(made / "images.safetensors"), says="is a file")
     fails(*base, "--out", str(tmp_path / "two"), "--teacher", "resnet_micro_cnn,rednet_micro_inv",
           says="inverts one teacher")
+
+
+def test_settings_a_range_check_missed_and_folders_of_the_other_kind(digits_teacher: Path, tmp_path: Path) -> None:
+    """NaN and inf knobs (NaN passed `< 0` and made black images), a jitter as large as the image,
+    and a synthetic set and a run folder written into each other are one-line errors."""
+    base = ["synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights",
+            str(digits_teacher), *SMALL[:4], "--iters", "2", *SMALL[6:]]
+
+    def fails(*args: str, says: str) -> None:
+        r = run_cli_fast(*args)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    out = tmp_path / "s"
+    for setting, says in (("synth.lr=.nan", "'synth.lr' must be a number > 0, got nan"),
+                          ("synth.lr=.inf", "'synth.lr' must be a number > 0, got inf"),
+                          ("synth.bn_weight=.nan", "'synth.bn_weight' must be a number >= 0"),
+                          ("synth.jitter=16", "keep it below the image size (16), got 16")):
+        fails(*base, "--out", str(out), "--set", setting, says=says)
+    assert not out.exists()
+
+    run = tmp_path / "run"
+    assert run_cli_fast("train", "--model", "vit_femto_patch4_16", "--epochs", "1", "--set", "data.train_limit=64",
+                        "--set", "data.test_limit=32", "--threads", "1", "--no-progress", "--out", str(run)).returncode == 0
+    before = (run / "config.yaml").read_bytes()
+    fails(*base, "--out", str(run), says="holds a training run")
+    assert run_cli_fast(*base, "--out", str(out)).returncode == 0
+    fails("train", "--data", f"synthetic:{out}", "--model", "vit_femto_patch4_16", "--threads", "1", "--no-progress",
+          "--out", str(out), says="holds a synthetic data set")
+    assert (run / "config.yaml").read_bytes() == before and "synth:" in (out / "config.yaml").read_text()
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(out / "images.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    (tmp_path / "bad").mkdir()
+    save_file(tensors, str(tmp_path / "bad" / "images.safetensors"), {**meta, "pad": "x"})
+    fails("train", "--data", f"synthetic:{tmp_path / 'bad'}", "--model", "vit_femto_patch4_16",
+          "--out", str(tmp_path / "r"), says="has damaged metadata (img_size='', pad='x')")
+
+
+def test_flips_and_the_last_batch_shape_what_is_made(digits_teacher: Path, tmp_path: Path) -> None:
+    """Parts made without flips are not reused with them; a last batch of one image joins the one
+    before (one image has no batch statistics); wall_s sums the parts, also over a resume."""
+    args = ["synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights",
+            str(digits_teacher), "--images", "21", "--batch-size", "10", "--iters", "3", *SMALL[6:]]
+    out = tmp_path / "s"
+    summary = json.loads(run_cli_fast(*args, "--out", str(out)).stdout)
+    parts = sorted((out / "parts").iterdir())
+    assert len(parts) == 2 and summary["images"] == 21
+    from safetensors import safe_open
+
+    with safe_open(str(parts[-1]), framework="pt") as f:
+        assert f.get_tensor("labels").shape[0] == 11
+        took = float(f.metadata()["seconds"])
+    (out / "images.safetensors").unlink()
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    again = json.loads(run_cli_fast(*args, "--out", str(out)).stdout)
+    assert [p.stat().st_mtime_ns for p in parts] == stamps  # reused, and their time still counted
+    assert again["wall_s"] == summary["wall_s"] and summary["wall_s"] >= round(took, 1)
+    (out / "images.safetensors").unlink()
+    assert run_cli_fast(*args, "--out", str(out), "--set", "data.hflip=true").returncode == 0
+    assert all(p.stat().st_mtime_ns != s for p, s in zip(parts, stamps))  # made again, with flips
+
+
+def test_an_interrupted_synthesis_says_to_rerun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                tmp_path: Path) -> None:
+    """synthesize has no --resume: the message says what does continue it."""
+    import vitdistill.datafree as datafree
+    from vitdistill.cli import main
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datafree, "synthesize", stop)
+    assert main(["synthesize", "--out", str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command" in err and "--resume" not in err

@@ -207,6 +207,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# what an interrupted command kept, and how to go on from it
+_INTERRUPTED = {
+    "train": "interrupted; the last finished epoch is saved, continue with the same command and --resume",
+    "distill": "interrupted; the last finished epoch is saved, continue with the same command and --resume",
+    "cache-teacher": "interrupted; the finished epochs are saved, rerun the same command to write the rest",
+    "synthesize": "interrupted; the finished batches are saved under OUT/parts, rerun the same command to continue",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors: the usage block is what ``--help`` is for."""
 
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
+        print(_INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
         return 130
 
 

@@ -248,6 +248,11 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("train", "eval_batch_size"): _at_least(1), ("train", "threads"): _at_least(1), ("train", "seed"): ((lambda v: 0 <= v < 2**63), "a whole number from 0 to 2**63 - 1"),
     ("train", "stop_after"): _at_least(1), ("data", "pad"): _at_least(0), ("data", "train_limit"): _at_least(1),
     ("data", "test_limit"): _at_least(1),
+    # synthesize: finite numbers (a NaN weight or rate passed `< 0` checks and made black images)
+    ("synth", "images"): _at_least(1), ("synth", "batch_size"): _at_least(2), ("synth", "iters"): _at_least(1),
+    ("synth", "lr"): _above(0), ("synth", "bn_weight"): _at_least(0), ("synth", "first_bn_scale"): _at_least(0),
+    ("synth", "tv_weight"): _at_least(0), ("synth", "l2_weight"): _at_least(0), ("synth", "jitter"): _at_least(0),
+    ("synth", "init_std"): _at_least(0), ("synth", "base_size"): _at_least(1),
 }  # data.img_size is checked where the data is loaded (data/sources.py)
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "amp"): ("auto", "bf16", "off"),  # train.optimizer has its own check (engine/speed.py)

@@ -144,20 +144,23 @@ def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch
     return images, {k: round(float(v.detach()), 5) for k, v in parts.items()}
 
 
-def settings_hash(cfg: Config, teacher_hash: str) -> str:
-    """What a batch file was made with: a part made under other settings is never mixed in."""
+def settings_hash(cfg: Config, teacher_hash: str, hflip: bool) -> str:
+    """What a batch file was made with: a part made under other settings is never mixed in.
+    ``hflip`` is the resolved flip setting, which mirrors the batch in the optimisation."""
     blob = json.dumps({"synth": {k: v for k, v in asdict(cfg.synth).items() if k != "images"},
                        "data": cfg.data.source, "img_size": cfg.data.img_size, "teacher": cfg.model.teacher,
-                       "teacher_hash": teacher_hash, "seed": cfg.train.seed}, sort_keys=True)
+                       "teacher_hash": teacher_hash, "seed": cfg.train.seed, "hflip": hflip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_part(path: Path, expect: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _read_part(path: Path, expect: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(images, labels, seconds it took to make) of a finished batch, or None to make it again."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("settings") != expect:
+            meta = f.metadata() or {}
+            if meta.get("settings") != expect:
                 return None
-            return f.get_tensor("images").clone(), f.get_tensor("labels").clone()
+            return f.get_tensor("images").clone(), f.get_tensor("labels").clone(), float(meta.get("seconds", 0))
     except Exception:  # noqa: BLE001 - an unreadable part is made again
         return None
 
@@ -167,8 +170,9 @@ def _check_settings(s: SynthConfig, num_classes: int, chans: int, size: int) -> 
         raise UserError(f"synth.images is {s.images}; make at least one image per class ({num_classes})")
     if s.batch_size < 2 or s.iters < 1:
         raise UserError("synth.batch_size must be at least 2 (batch statistics) and synth.iters at least 1")
-    if s.jitter < 0 or s.lr <= 0 or min(s.bn_weight, s.tv_weight, s.l2_weight, s.first_bn_scale, s.init_std) < 0:
-        raise UserError("synth.jitter, init_std, lr and the loss weights must be non-negative (lr positive)")
+    if s.jitter >= size:
+        raise UserError(f"synth.jitter shifts the batch by up to that many pixels; keep it below the image size "
+                        f"({size}), got {s.jitter}")
     if s.base_size is not None and not 1 <= s.base_size <= size:
         raise UserError(f"synth.base_size must lie between 1 and the image size ({size}), got {s.base_size}")
     if s.grey and chans not in (1, 3):
@@ -186,6 +190,8 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
 
     out = Path(out)
     io.check_folder(out)
+    if any((out / f).exists() for f in ("checkpoint.pt", "summary.json", "metrics.jsonl")):
+        raise UserError(f"'{out}' holds a training run; pass --out to a new folder for the synthetic data set")
     if cfg.data.source.partition(":")[0].strip().lower() == "synthetic":
         raise UserError("synthesize --data names the real data set the images stand for (its classes, size "
                         "and test split), not a synthetic one; e.g. --data digits or --data cifar10:DIR")
@@ -206,10 +212,12 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     teacher.to(device)
     aug = augment_for(cfg, data)  # the pad and flips the config resolves to, as a training run would
     hflip = aug.hflip
-    settings = settings_hash(cfg, state_hash(teacher.model))
+    settings = settings_hash(cfg, state_hash(teacher.model), hflip)
     labels = torch.arange(s.images) % data.num_classes  # every batch holds every class about equally
-    batches = labels.split(s.batch_size)
-    start = time.perf_counter()
+    batches = list(labels.split(s.batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:  # one image has no batch statistics: it joins the one before
+        batches[-2:] = [torch.cat(batches[-2:])]
+    seconds = 0.0  # the optimisation's, summed over the calls that made the parts
     images, last = [], {}
     bar = tqdm(total=len(batches) * s.iters, desc="synthesize", unit="step", disable=not cfg.train.progress,
                dynamic_ncols=True)
@@ -217,13 +225,16 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
         part = out / "parts" / f"batch-{b:05d}.safetensors"
         got = _read_part(part, settings) if part.is_file() else None
         if got is None or not torch.equal(got[1], y):
+            t0 = time.perf_counter()
             img, last = synthesize_batch(teacher, stats, y, data.img_size, data.in_chans, s, hflip,
                                          seed=cfg.train.seed * 1_000_003 + b, device=device, bar=bar)
-            io.write_safetensors(part, {"images": img, "labels": y}, {"settings": settings})
-            got = (img, y)
+            took = time.perf_counter() - t0
+            io.write_safetensors(part, {"images": img, "labels": y}, {"settings": settings, "seconds": f"{took:.3f}"})
+            got = (img, y, took)
         else:
             bar.update(s.iters)
         images.append(got[0])
+        seconds += got[2]
     bar.close()
     stats.remove()
     x, y = torch.cat(images), labels
@@ -236,7 +247,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     summary = {"images": int(len(y)), "classes": data.num_classes, "img_size": data.img_size,
                "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": real_spec,
                "teacher_top1_on_synthetic": round(agree, 4), "teacher_top1_on_real_test": round(real, 4),
-               "last_batch_loss": last, "wall_s": round(time.perf_counter() - start, 1),
+               "last_batch_loss": last, "wall_s": round(seconds, 1),
                "settings": asdict(s), "seed": cfg.train.seed}
     io.write_text(out / "config.yaml", cfg.to_yaml())
     io.write_json(out / "synth.json", summary)

@@ -58,7 +58,12 @@ def load_synthetic(
     if spec.partition(":")[0].strip().lower() in ("", "synthetic"):
         raise UserError(f"'{path}' names no real data set to test on (test_data={spec!r}); make it again "
                         "with `vitdistill synthesize --data SOURCE`")
-    made_at = int(meta["img_size"]) if meta.get("img_size") else None
+    try:  # metadata are strings; a damaged one is named, not a ValueError deep in the load
+        made_at = int(meta["img_size"]) if meta.get("img_size") else None
+        pad = int(meta["pad"]) if "pad" in meta else None
+    except ValueError:
+        raise UserError(f"'{path}' has damaged metadata (img_size={meta.get('img_size')!r}, pad={meta.get('pad')!r}); "
+                        "make it again with `vitdistill synthesize`") from None
     real = load_real(spec, img_size if img_size is not None else made_at)
     side = real.img_size
     if images.shape[2] != side:
@@ -72,5 +77,5 @@ def load_synthetic(
                       "settings": meta.get("settings"), "test": real.fingerprint, "img_size": side})
     return Dataset(name=f"synthetic-{real.name}", classes=real.classes,
                    train=DataSplit(images.contiguous(), labels), test=real.test, fingerprint=fp,
-                   pad=int(meta.get("pad", real.pad)), hflip=meta.get("hflip", str(real.hflip).lower()) == "true")
+                   pad=real.pad if pad is None else pad, hflip=meta.get("hflip", str(real.hflip).lower()) == "true")
 

@@ -110,6 +110,9 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     ckpt_path = out / "checkpoint.pt"
     # rank 0's view decides, so no rank goes its own way
     exists, finished = dist.broadcast((ckpt_path.exists(), (out / "summary.json").exists()))
+    if dist.broadcast((out / "images.safetensors").exists() or (out / "parts").is_dir()):
+        raise UserError(f"'{out}' holds a synthetic data set (`vitdistill synthesize`), whose config.yaml a run "
+                        "would overwrite; choose another --out")
     if finished and not exists:  # its checkpoint deleted to save space: nothing to resume, much to lose
         raise UserError(f"'{out}' holds a finished run (summary.json) without its checkpoint.pt, which neither "
                         "a new run nor --resume may overwrite; choose another --out or delete the folder")
@@ -252,6 +255,8 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
         "teacher_top1": teacher_acc["top1"] if teacher_acc else None,
         "epochs": cfg.train.epochs, "wall_s": round(wall, 2), "img_size": data.img_size, "timm_spec": spec,
     }
+    if cfg.train.ema_decay is not None:  # the figures above are the average's; the live weights' beside them
+        summary.update(ema_decay=cfg.train.ema_decay, live_top1=final.get("test_live_top1"))
     input_size = (data.in_chans, data.img_size, data.img_size)
     prof = profile_model(student, input_size, device=str(device))
     summary.update({k: prof[k] for k in ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")})

@@ -21,6 +21,8 @@ _SUMMARY_FIELDS = [
     ("student", "Student"),
     ("teacher", "Teacher"),
     ("student_top1", "Student top-1 (%)"),
+    ("ema_decay", "Scored and saved: the EMA of the weights, decay"),
+    ("live_top1", "Live (not averaged) student top-1 (%)"),
     ("teacher_top1", "Teacher top-1 (%)"),
     ("top1_gap", "Top-1 gap to teacher (points)"),
     ("params", "Student parameters"),
@@ -28,7 +30,7 @@ _SUMMARY_FIELDS = [
     ("latency_ms_b1", "Latency, batch 1 (ms)"),
     ("throughput_img_s", "Throughput (img/s)"),
     ("peak_mem_mb", "Peak memory (MiB)"),
-    ("wall_s", "Wall time (s)"),
+    ("wall_s", "Training loop wall time (s)"),
 ]
 
 _EPOCH_HEADERS = {
@@ -37,6 +39,10 @@ _EPOCH_HEADERS = {
     "test_top1": "Top-1 (%)",
     "test_top5": "Top-5 (%)",
     "agreement": "Agreement (%)",
+    "test_agreement": "Agreement (%)",
+    "test_live_top1": "Live top-1 (%)",
+    "train_top1": "Train top-1 (%)",
+    "epoch_s": "Epoch (s)",
     "lr": "LR",
     "img_s": "img/s",
 }
@@ -143,7 +149,10 @@ def write_run_report(
     _atomic_write(run_dir / "report.png", _plot(metrics, summary, teacher_metrics))
 
     title = " / ".join(str(summary[k]) for k in ("method", "student") if summary.get(k))
-    lines = [f"# Distillation report: {title or run_dir.name}", ""]
+    kind = "Training" if summary.get("mode") == "train" else "Distillation"
+    if summary.get("mode") == "train":  # a model fitted on labels: no method to name
+        title = str(summary.get("student") or "")
+    lines = [f"# {kind} report: {title or run_dir.name}", ""]
     lines += ["## Summary", "", _summary_table(summary), ""]
     lines += ["## Per-epoch metrics", ""]
     epochs = markdown_table(metrics, _epoch_columns(metrics)) if metrics else "No epochs logged."
