@@ -67,15 +67,15 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
     """Top-1/top-5 on the test split, plus agreement with a teacher when one is given."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give at least 1")
+    if args.teacher_weights and not args.teacher:
+        raise UserError("--teacher-weights is given with no --teacher; name the weights' architecture with "
+                        "--teacher NAME")
     name, cfg, data, model = load_student(args.student, args.weights, args.data, "eval")
     device = pick_device(args.device)
     model.to(device).eval()
     prep = InputPrep.for_model(model).to(device)
     logits = predict(lambda x: model(prep(x)), data.test, args.batch_size, device)
     teacher_pred = None
-    if args.teacher_weights and not args.teacher:
-        raise UserError("--teacher-weights is given with no --teacher; name the weights' architecture with "
-                        "--teacher NAME")
     if args.teacher:
         if not args.teacher_weights:
             raise UserError(f"agreement with teacher '{args.teacher}' needs its weights; pass --teacher-weights FILE")
