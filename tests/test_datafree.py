@@ -296,3 +296,47 @@ def test_an_interrupted_synthesis_says_to_rerun(monkeypatch: pytest.MonkeyPatch,
     assert main(["synthesize", "--out", str(tmp_path / "s")]) == 130
     err = capsys.readouterr().err
     assert "rerun the same command" in err and "--resume" not in err
+
+
+def test_competition_is_one_minus_jensen_shannon_by_hand() -> None:
+    """Adaptive DeepInversion's eq. 8 at temperature tau, against numpy."""
+    from vitdistill.datafree import competition
+
+    zt = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    zs = torch.tensor([[0.0, 1.5, 0.2], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    tau = 3.0
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z / tau - (z / tau).max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    p, q = softmax(zt.numpy()), softmax(zs.numpy())
+    m = (p + q) / 2
+    js = 0.5 * (p * np.log(p / m)).sum(1) + 0.5 * (q * np.log(q / m)).sum(1)
+    assert float(competition(zt, zs, tau)) == pytest.approx(1 - js.mean(), abs=1e-6)
+    assert float(competition(zt, zt, tau)) == pytest.approx(1.0, abs=1e-6)  # agreement: nothing to gain
+    far = torch.tensor([[50.0, -50.0]]), torch.tensor([[-50.0, 50.0]])
+    assert float(competition(*far, 1.0)) == pytest.approx(1 - math.log(2), abs=1e-4)  # JS's bound, ln 2
+
+
+def test_adaptive_deepinversion_competes_with_a_trained_student(digits_teacher: Path, tmp_path: Path) -> None:
+    """With a trained student the competition term is logged and changes the images; without one
+    it is a one-line error."""
+    student = tmp_path / "student"
+    assert run_cli_fast("train", "--data", "digits", "--model", "vit_femto_patch4_16", "--epochs", "1",
+                        "--set", "data.train_limit=256", "--set", "data.test_limit=64", "--threads", "1",
+                        "--no-progress", "--out", str(student)).returncode == 0
+    args = ["synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights",
+            str(digits_teacher), *SMALL[:4], "--iters", "5", *SMALL[6:]]
+    plain = json.loads(run_cli_fast(*args, "--out", str(tmp_path / "plain")).stdout)
+    r = run_cli_fast(*args, "--out", str(tmp_path / "adi"), "--student", str(student), "--set",
+                     "synth.competition_weight=0.2")
+    assert r.returncode == 0, r.stderr
+    adi = json.loads(r.stdout)
+    assert "compete" in adi["last_batch_loss"] and "compete" not in plain["last_batch_loss"]
+    assert 1 - math.log(2) <= adi["last_batch_loss"]["compete"] <= 1
+    assert 0 <= adi["student_top1_on_synthetic"] <= 1
+    assert not torch.equal(load_data(f"synthetic:{tmp_path / 'adi'}").train.images,
+                           load_data(f"synthetic:{tmp_path / 'plain'}").train.images)
+    r = run_cli_fast(*args, "--out", str(tmp_path / "none"), "--set", "synth.competition_weight=0.2")
+    assert r.returncode == 2 and "competes with a trained student" in r.stderr and not (tmp_path / "none").exists()

@@ -33,7 +33,8 @@ _CACHE = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights"
 _TRAIN = {"model": "model.student", "weights": "model.student_weights"}
 _SYNTH = {"data": "data.source", "out": "out", "seed": "train.seed", "device": "train.device",
           "threads": "train.threads", "teacher": "model.teacher", "teacher_weights": "model.teacher_weights",
-          "images": "synth.images", "iters": "synth.iters", "batch_size": "synth.batch_size", "lr": "synth.lr"}
+          "images": "synth.images", "iters": "synth.iters", "batch_size": "synth.batch_size", "lr": "synth.lr",
+          "student": "model.student", "student_weights": "model.student_weights"}
 
 
 def _nest(key: str, value: object) -> dict:
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="optimisation steps per batch (default 300)")
     p.add_argument("--batch-size", type=int, help="images optimised together (default 256)")
     p.add_argument("--lr", type=float, help="Adam step size on pixels in [0, 1] (default 0.1)")
+    p.add_argument("--student", help="Adaptive DeepInversion (with --set synth.competition_weight=0.2): the "
+                   "trained student to compete with, a run directory or a model name with --student-weights")
+    p.add_argument("--student-weights", help="weights of --student when it is a model name")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")

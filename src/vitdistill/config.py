@@ -96,6 +96,9 @@ class SynthConfig:
     grey: bool = False  # one free channel shown as RGB, for grey data sets (digits, mnist5k)
     base_size: int | None = None  # optimise pixels at this side and upsample bilinearly (smooth images)
     init_std: float = 0.2  # the starting noise around mid-grey
+    # Adaptive DeepInversion: weight of 1 - JS(teacher, student) (the paper: 0.2); needs a trained student
+    competition_weight: float = 0.0
+    competition_tau: float = 3.0  # softmax temperature of the two distributions (the authors' code: 3)
 
 
 @dataclass
@@ -253,6 +256,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("synth", "lr"): _above(0), ("synth", "bn_weight"): _at_least(0), ("synth", "first_bn_scale"): _at_least(0),
     ("synth", "tv_weight"): _at_least(0), ("synth", "l2_weight"): _at_least(0), ("synth", "jitter"): _at_least(0),
     ("synth", "init_std"): _at_least(0), ("synth", "base_size"): _at_least(1),
+    ("synth", "competition_weight"): _at_least(0), ("synth", "competition_tau"): _above(0),
 }  # data.img_size is checked where the data is loaded (data/sources.py)
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "amp"): ("auto", "bf16", "off"),  # train.optimizer has its own check (engine/speed.py)

@@ -15,8 +15,18 @@ input, E[. | X] that layer's running_mean and running_var, R_tv the mean squared
 horizontally and vertically neighbouring pixels, and R_l2 the mean over images of ||x_hat_i||_2, all
 on the teacher's normalised input. Each step sees the batch randomly shifted by up to ``jitter``
 pixels (and mirrored, where the data allows flips), as the paper does. The authors' code weights
-the first BatchNorm layer more (``first_bn_scale``); Adaptive DeepInversion's competition term
-with the student is not implemented.
+the first BatchNorm layer more (``first_bn_scale``).
+
+Adaptive DeepInversion (the paper's section 3.3, eq. 8) adds a competition with a student already
+distilled (from a first round of images, say): images on which the two agree teach it nothing new,
+so the loss gains
+
+    alpha_c * R_compete(x_hat),   R_compete = 1 - JS(p_T(x_hat), p_S(x_hat))
+    JS(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m),   m = (p + q) / 2
+
+with p_T, p_S the softmax of the teacher's and the (frozen) student's logits at temperature
+``competition_tau`` (3 in the authors' code). Minimising it drives the images to where the student
+still disagrees with the teacher, while the CE term keeps them the teacher's class.
 
 The images are written as a data set (``images.safetensors`` in the output folder) that
 ``--data synthetic:DIR`` trains any student on with any method; its test split is the named real
@@ -30,9 +40,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +92,22 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean() + (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
 
 
+def competition(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """R_compete = 1 - JS(softmax(z_T / tau), softmax(z_S / tau)), JS in nats and averaged over the
+    batch (Adaptive DeepInversion, eq. 8); gradients flow through both distributions' inputs."""
+    log_p = F.log_softmax(teacher_logits.float() / tau, dim=1)
+    log_q = F.log_softmax(student_logits.float() / tau, dim=1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)
+    return 1.0 - (0.5 * (kl_pm + kl_qm)).mean()
+
+
 def deepinversion_loss(logits: torch.Tensor, target: torch.Tensor, teacher_input: torch.Tensor,
-                       bn_terms: list[torch.Tensor], s: SynthConfig) -> dict[str, torch.Tensor]:
-    """The objective of the module docstring, with its parts named for the log."""
+                       bn_terms: list[torch.Tensor], s: SynthConfig,
+                       student_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The objective of the module docstring, with its parts named for the log; ``student_logits``
+    (Adaptive DeepInversion) add the competition term."""
     if not bn_terms:
         raise ValueError("no BatchNorm statistics were recorded")
     ce = F.cross_entropy(logits, target)
@@ -90,7 +115,12 @@ def deepinversion_loss(logits: torch.Tensor, target: torch.Tensor, teacher_input
     l2 = torch.linalg.vector_norm(teacher_input.flatten(1), dim=1).mean()
     feature = s.first_bn_scale * bn_terms[0] + sum(bn_terms[1:], torch.zeros(()))
     loss = ce + s.tv_weight * tv + s.l2_weight * l2 + s.bn_weight * feature
-    return {"loss": loss, "ce": ce.detach(), "tv": tv.detach(), "l2": l2.detach(), "feature": feature.detach()}
+    parts = {"ce": ce.detach(), "tv": tv.detach(), "l2": l2.detach(), "feature": feature.detach()}
+    if student_logits is not None:
+        compete = competition(logits, student_logits, s.competition_tau)
+        loss = loss + s.competition_weight * compete
+        parts["compete"] = compete.detach()
+    return {"loss": loss, **parts}
 
 
 def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -110,9 +140,12 @@ def _jitter(x: torch.Tensor, s: SynthConfig, hflip: bool, g: torch.Generator) ->
 
 def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch.Tensor, size: int, chans: int,
                      s: SynthConfig, hflip: bool, seed: int, device: torch.device,
-                     bar: tqdm | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     bar: tqdm | None = None,
+                     student: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """Optimise one batch of images for ``labels``; returns them as uint8 ``[B, chans, size, size]``
-    and the last step's loss parts."""
+    and the last step's loss parts. ``student`` (images in 0..255 to logits, frozen) adds Adaptive
+    DeepInversion's competition."""
     g = torch.Generator().manual_seed(seed)
     n = labels.shape[0]
     # grey images are one free channel shown to the teacher as RGB, as the grey data sets are stored
@@ -129,7 +162,9 @@ def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch
         teacher_input = teacher.prep(view * 255.0)
         stats.pop()
         logits = teacher._logits(teacher.model(teacher_input))  # the Teacher's own head rule, with gradients
-        parts = deepinversion_loss(logits, labels, teacher_input, stats.pop(), s)
+        bn_terms = stats.pop()
+        parts = deepinversion_loss(logits, labels, teacher_input, bn_terms, s,
+                                   student(view * 255.0) if student is not None else None)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         opt.step()
@@ -144,12 +179,16 @@ def synthesize_batch(teacher: Teacher, stats: BatchNormStatistics, labels: torch
     return images, {k: round(float(v.detach()), 5) for k, v in parts.items()}
 
 
-def settings_hash(cfg: Config, teacher_hash: str, hflip: bool) -> str:
+def settings_hash(cfg: Config, teacher_hash: str, hflip: bool, student_hash: str | None = None) -> str:
     """What a batch file was made with: a part made under other settings is never mixed in.
-    ``hflip`` is the resolved flip setting, which mirrors the batch in the optimisation."""
-    blob = json.dumps({"synth": {k: v for k, v in asdict(cfg.synth).items() if k != "images"},
-                       "data": cfg.data.source, "img_size": cfg.data.img_size, "teacher": cfg.model.teacher,
-                       "teacher_hash": teacher_hash, "seed": cfg.train.seed, "hflip": hflip}, sort_keys=True)
+    ``hflip`` is the resolved flip setting, which mirrors the batch in the optimisation;
+    ``student_hash`` the competing student's weights (Adaptive DeepInversion)."""
+    synth = {k: v for k, v in asdict(cfg.synth).items() if k != "images"}
+    if not cfg.synth.competition_weight:  # parts made before the competition existed keep their hash
+        synth = {k: v for k, v in synth.items() if not k.startswith("competition_")}
+    blob = json.dumps({"synth": synth, "data": cfg.data.source, "img_size": cfg.data.img_size,
+                       "teacher": cfg.model.teacher, "teacher_hash": teacher_hash, "seed": cfg.train.seed,
+                       "hflip": hflip, **({"student_hash": student_hash} if student_hash else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -212,7 +251,8 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     teacher.to(device)
     aug = augment_for(cfg, data)  # the pad and flips the config resolves to, as a training run would
     hflip = aug.hflip
-    settings = settings_hash(cfg, state_hash(teacher.model), hflip)
+    student, student_hash = _competing_student(cfg, device) if s.competition_weight else (None, None)
+    settings = settings_hash(cfg, state_hash(teacher.model), hflip, student_hash)
     labels = torch.arange(s.images) % data.num_classes  # every batch holds every class about equally
     batches = list(labels.split(s.batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:  # one image has no batch statistics: it joins the one before
@@ -227,7 +267,8 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
         if got is None or not torch.equal(got[1], y):
             t0 = time.perf_counter()
             img, last = synthesize_batch(teacher, stats, y, data.img_size, data.in_chans, s, hflip,
-                                         seed=cfg.train.seed * 1_000_003 + b, device=device, bar=bar)
+                                         seed=cfg.train.seed * 1_000_003 + b, device=device, bar=bar,
+                                         student=student)
             took = time.perf_counter() - t0
             io.write_safetensors(part, {"images": img, "labels": y}, {"settings": settings, "seconds": f"{took:.3f}"})
             got = (img, y, took)
@@ -240,6 +281,10 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     x, y = torch.cat(images), labels
     agree, real = (accuracy(predict(lambda im: teacher(im)["logits"], split, cfg.train.eval_batch_size, device),
                             split.labels)["top1"] for split in (DataSplit(x, y), data.test))
+    if student is not None:  # how far the images got from what the student already knows
+        with torch.no_grad():
+            s_logits = predict(lambda im: student(im.float()), DataSplit(x, y), cfg.train.eval_batch_size, device)
+        student_top1 = accuracy(s_logits, y)["top1"]
     real_spec = absolute_source(cfg.data.source)  # read again from later runs' working directories
     meta = {"format": FORMAT, "test_data": real_spec, "img_size": str(cfg.data.img_size or ""),
             "classes": json.dumps(data.classes), "teacher": cfg.model.teacher or "", "settings": settings,
@@ -247,6 +292,8 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     summary = {"images": int(len(y)), "classes": data.num_classes, "img_size": data.img_size,
                "teacher": cfg.model.teacher, "teacher_spec": spec, "test_data": real_spec,
                "teacher_top1_on_synthetic": round(agree, 4), "teacher_top1_on_real_test": round(real, 4),
+               **({"student": cfg.model.student, "student_top1_on_synthetic": round(student_top1, 4)}
+                  if student is not None else {}),
                "last_batch_loss": last, "wall_s": round(seconds, 1),
                "settings": asdict(s), "seed": cfg.train.seed}
     io.write_text(out / "config.yaml", cfg.to_yaml())
@@ -254,6 +301,23 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     _preview(out / "preview.png", x, y, data.classes)
     io.write_safetensors(out / IMAGES, {"images": x, "labels": y}, meta)  # last: its presence means done
     return summary
+
+
+def _competing_student(cfg: Config, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The frozen student of Adaptive DeepInversion, as images (0..255) to logits, and its weights'
+    hash: ``--student RUN`` (a finished distill or train run) or ``--student NAME --student-weights W``."""
+    from vitdistill.evaluation import load_student
+    from vitdistill.models import InputPrep
+    from vitdistill.teacher_cache import state_hash
+
+    name, weights = cfg.model.student, cfg.model.student_weights
+    if not Path(name).is_dir() and not weights:
+        raise UserError("synth.competition_weight > 0 competes with a trained student; give --student RUN (a run "
+                        "directory) or --student NAME --student-weights FILE")
+    _, _, _, model = load_student(name, weights, cfg.data.source, "synthesize")
+    model.to(device).eval().requires_grad_(False)
+    prep = InputPrep.for_model(model).to(device)
+    return (lambda images: model(prep(images))), state_hash(model)
 
 
 def _preview(path: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_class: int = 8) -> None:
