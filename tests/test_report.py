@@ -256,3 +256,14 @@ def test_labels_of_cells_with_one_parameter_count_do_not_overlap(monkeypatch: py
     names = sorted(boxes)
     overlaps = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if boxes[a].overlaps(boxes[b])]
     assert overlaps == []
+
+
+def test_run_report_names_a_training_run_and_the_ema(tmp_path: pathlib.Path) -> None:
+    summary = {"mode": "train", "method": "none", "student": "vit_femto_patch4_16", "student_top1": 0.9,
+               "ema_decay": 0.998, "live_top1": 0.88, "wall_s": 0.91}
+    write_run_report(tmp_path, [{"epoch": 1, "train_loss": 1.0, "test_top1": 0.9, "test_live_top1": 0.88}], summary)
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Training report: vit_femto_patch4_16\n")
+    assert "the EMA of the weights, decay" in md and "| 0.9980" in md and "| 88.00" in md
+    assert "| 0.9 " in md and "0.9100" not in md  # the wall time, to a tenth of a second
+    assert "Live top-1 (%)" in md

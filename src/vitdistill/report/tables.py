@@ -30,7 +30,7 @@ def format_value(key: str, value: Any) -> str:
     ``93.41``, so keys ending in ``top1``, ``top5`` or ``agreement`` are shown x100 with 2 decimals.
     Numbers above 10,000 (parameters, FLOPs, img/s) get a unit; floats keep 2 decimals from 1 up,
     4 below 1, and 3 significant digits below 0.01, so a small loss or a learning rate of 5e-05 is
-    not flattened to 0.00.
+    not flattened to 0.00. Wall times (``*wall_s``) get one decimal.
     """
     if value is None:
         return MISSING
@@ -41,6 +41,8 @@ def format_value(key: str, value: Any) -> str:
         return str(value)
     if key.endswith(_PERCENT_SUFFIXES):
         return f"{100 * float(value):.2f}"
+    if key.endswith("wall_s"):  # seconds of a run: a tenth is plenty, 0.9100 s reads as false precision
+        return f"{float(value):.1f}"
     if isinstance(value, Integral):
         return format_count(value) if abs(value) > 10_000 else str(int(value))
     value = float(value)
