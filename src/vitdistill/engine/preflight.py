@@ -19,10 +19,7 @@ from vitdistill.engine import speed
 from vitdistill.engine.ema import check_ema
 from vitdistill.engine.runtime import pick_device
 from vitdistill.engine.setup import (TeacherSide, augment_for, build_teachers, check_cache_dirs, check_teacher_count,
-                                     load_run_data, setup_method, split_dirs)
-from vitdistill.errors import UserError
-from vitdistill.methods import build_method
-from vitdistill.models import create_model, prepare_student
+                                     load_run_data, method_and_student, setup_method, split_dirs)
 
 
 def check_run(cfg: Config, mode: str, data_memo: dict[str, Dataset] | None = None,
@@ -42,15 +39,8 @@ def check_run(cfg: Config, mode: str, data_memo: dict[str, Dataset] | None = Non
     speed.check_compile(cfg.train)
     check_ema(cfg.train)
     augment_for(cfg, data)
-    method = build_method(cfg.method, cfg.train.label_smoothing)
-    if mode == "train" and method.needs_teacher:
-        raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
+    method, student, _ = method_and_student(cfg, mode, data)
     m = cfg.model
-    student, _ = create_model(m.student, data.num_classes, data.img_size, m.student_kwargs, m.pretrained,
-                              m.student_weights)
-    student = method.adapt_student(student, m.student)
-    method.check_student(student, m.student)
-    prepare_student(student)
     side = None
     if method.needs_teacher:
         teachers = []

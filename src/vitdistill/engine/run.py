@@ -19,12 +19,13 @@ from vitdistill.engine import io, speed
 from vitdistill.engine.ema import check_ema, make_ema
 from vitdistill.engine.evaluate import accuracy
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
-from vitdistill.engine.setup import augment_for, load_run_data, setup_method, teacher_names, teacher_side
+from vitdistill.engine.setup import (augment_for, load_run_data, method_and_student, setup_method, teacher_names,
+                                     teacher_side)
 from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
 from vitdistill.errors import UserError
-from vitdistill.methods import METHODS, build_method
+from vitdistill.methods import METHODS
 from vitdistill.methods.base import method_knobs
-from vitdistill.models import InputPrep, create_model, prepare_student
+from vitdistill.models import InputPrep
 from vitdistill.models.factory import check_fits
 from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
@@ -131,14 +132,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
         raise UserError(f"{len(data.train)} training samples cannot feed {world} processes; use fewer processes")
 
     augment = augment_for(cfg, data)  # checks the augmentation knobs before anything is written
-    method = build_method(cfg.method, cfg.train.label_smoothing)
-    if mode == "train" and method.needs_teacher:
-        raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
-    student, spec = create_model(cfg.model.student, data.num_classes, data.img_size, cfg.model.student_kwargs,
-                                 cfg.model.pretrained, cfg.model.student_weights)
-    student = method.adapt_student(student, cfg.model.student)
-    method.check_student(student, cfg.model.student)
-    prepare_student(student)
+    method, student, spec = method_and_student(cfg, mode, data)
     side = teacher_side(cfg, data, method, device) if method.needs_teacher else None
     taps = setup_method(method, student, cfg.model.student, side, data)
 

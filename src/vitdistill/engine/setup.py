@@ -21,8 +21,9 @@ from vitdistill.data.mix import Augment
 from vitdistill.data.randaugment import parse_spec
 from vitdistill.engine.trainer import LiveTeacher, TeacherSource
 from vitdistill.errors import UserError
+from vitdistill.methods import build_method
 from vitdistill.methods.base import Method
-from vitdistill.models import Teacher, create_model
+from vitdistill.models import Teacher, create_model, prepare_student
 from vitdistill.models.taps import FeatureTaps, ModelInfo, describe
 from vitdistill.models.wrappers import TeacherEnsemble
 from vitdistill import teacher_cache as tc
@@ -58,6 +59,21 @@ def augment_for(cfg: Config, data: Dataset) -> Augment:
     except ValueError as exc:
         raise UserError(f"data.randaugment: {exc}") from None
     return Augment(cfg.train.seed, pad, hflip, d.mix_prob, d.cutmix_share, d.crop_scale, d.erase_prob, randaug)
+
+
+def method_and_student(cfg: Config, mode: str, data: Dataset) -> tuple[Method, torch.nn.Module, dict]:
+    """The run's method and the student it trains (reshaped by the method, checked by it, and with
+    its spec), as a run builds them and as compare's check of a cell builds them."""
+    method = build_method(cfg.method, cfg.train.label_smoothing)
+    if mode == "train" and method.needs_teacher:
+        raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
+    m = cfg.model
+    student, spec = create_model(m.student, data.num_classes, data.img_size, m.student_kwargs, m.pretrained,
+                                 m.student_weights)
+    student = method.adapt_student(student, m.student)
+    method.check_student(student, m.student)
+    prepare_student(student)
+    return method, student, spec
 
 
 def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
