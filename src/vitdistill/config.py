@@ -50,6 +50,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
+    accum_steps: int = 1  # split each batch into this many micro-batches whose gradients add up (less memory)
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -244,7 +245,8 @@ def _above(low: float) -> tuple:
 # Ranges of the plain numeric keys (None passes where a key allows it), checked when the config
 # is built: before a run folder exists, and in words rather than as an error from deep in torch.
 _RANGES: dict[tuple[str, str], tuple] = {
-    ("train", "epochs"): _at_least(1), ("train", "batch_size"): _at_least(1), ("train", "lr"): _above(0),
+    ("train", "epochs"): _at_least(1), ("train", "batch_size"): _at_least(1),
+    ("train", "accum_steps"): _at_least(1), ("train", "lr"): _above(0),
     ("train", "min_lr"): _at_least(0), ("train", "weight_decay"): _at_least(0),
     ("train", "warmup_epochs"): _at_least(0), ("train", "clip_grad"): _above(0),
     ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),

@@ -20,6 +20,7 @@ from vitdistill.engine.ema import check_ema
 from vitdistill.engine.runtime import pick_device
 from vitdistill.engine.setup import (TeacherSide, augment_for, build_teachers, check_cache_dirs, check_teacher_count,
                                      load_run_data, method_and_student, setup_method, split_dirs)
+from vitdistill.engine.trainer import check_accum
 
 
 def check_run(cfg: Config, mode: str, data_memo: dict[str, Dataset] | None = None,
@@ -38,6 +39,7 @@ def check_run(cfg: Config, mode: str, data_memo: dict[str, Dataset] | None = Non
     pick_device(cfg.train.device)
     speed.check_compile(cfg.train)
     check_ema(cfg.train)
+    check_accum(cfg.train)
     augment_for(cfg, data)
     method, student, _ = method_and_student(cfg, mode, data)
     m = cfg.model

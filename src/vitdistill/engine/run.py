@@ -21,7 +21,7 @@ from vitdistill.engine.evaluate import accuracy
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.setup import (augment_for, load_run_data, method_and_student, setup_method, teacher_names,
                                      teacher_side)
-from vitdistill.engine.trainer import param_groups, train_epoch, warmup_cosine
+from vitdistill.engine.trainer import check_accum, param_groups, train_epoch, warmup_cosine
 from vitdistill.errors import UserError
 from vitdistill.methods import METHODS
 from vitdistill.methods.base import method_knobs
@@ -124,6 +124,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     device = pick_device(cfg.train.device)
     speed.check_compile(cfg.train)
     check_ema(cfg.train)
+    check_accum(cfg.train, dist.world_size())
     speed.optimizer_kernel(cfg.train, device)
     with dist.local_main_first():  # one decode per node; the node's other processes read its cache
         data = load_run_data(cfg)

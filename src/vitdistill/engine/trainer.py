@@ -5,6 +5,7 @@ the method declared it needs, run the student, let the method compute its loss, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Protocol
@@ -17,6 +18,7 @@ from vitdistill.data import DataSplit, epoch_batches
 from vitdistill.data.mix import Augment
 from vitdistill.engine import distributed as dist
 from vitdistill.engine.runtime import RunningFigures, autocast, epoch_seed
+from vitdistill.errors import UserError
 from vitdistill.methods.base import Method, Outputs
 from vitdistill.models.taps import FeatureTaps
 
@@ -84,6 +86,26 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _forward(step_module: torch.nn.Module, teacher: TeacherSource | None, augment: Augment, split: DataSplit,
+             idx: torch.Tensor, epoch: int, num_classes: int, device: torch.device,
+             amp: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The loss parts, the student's detached logits and the hard labels of the samples ``idx``."""
+    images, target = augment.batch(split.images, split.labels, idx, epoch, num_classes)
+    hard = target.argmax(dim=1) if target.ndim == 2 else target
+    with autocast(device, amp):
+        t_out = teacher(images, idx, epoch) if teacher is not None else None
+        parts = step_module(images, t_out, target)
+    return parts, parts.pop("_logits"), hard
+
+
+def check_accum(cfg: TrainConfig, world: int = 1) -> None:
+    """A one-line error when the micro-batches of ``train.accum_steps`` would hold no image."""
+    local = cfg.batch_size // max(1, world)
+    if cfg.accum_steps > local:
+        raise UserError(f"train.accum_steps {cfg.accum_steps} splits a batch of {local} images per process into "
+                        f"micro-batches of less than one image; use at most {local}")
+
+
 def train_epoch(
     *,
     student: torch.nn.Module,
@@ -126,30 +148,33 @@ def train_epoch(
     start = time.perf_counter()
     running = RunningFigures(device)  # the bar's loss and accuracy, without a host-device sync on CUDA
     bar = tqdm(batches, desc=desc, leave=False, disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+    # a rank's slice, split in train.accum_steps micro-batches: each view is a pure function of its
+    # sample's index, so the split changes the memory held, not the images or targets
+    no_sync = getattr(step_module, "no_sync", None)
     for step, batch in enumerate(bar):
         idx = dist.local_slice(batch, rank, world)  # the sampler: this rank's contiguous slice
-        images, target = augment.batch(split.images, split.labels, idx, epoch, num_classes)
-        hard = target.argmax(dim=1) if target.ndim == 2 else target
-        with autocast(device, cfg.amp):
-            t_out = teacher(images, idx, epoch) if teacher is not None else None
-            parts = step_module(images, t_out, target)
-        logits = parts.pop("_logits")
+        micro = [m for m in idx.tensor_split(cfg.accum_steps) if len(m)]
         optimizer.zero_grad(set_to_none=True)
-        # DDP averages the ranks' gradients; a rank whose slice is not batch / world long (only the
-        # single short batch of a split smaller than the batch) is weighted so the average is the
-        # gradient of the global batch mean
-        scale = len(idx) * world / len(batch)
-        (parts["loss"] if scale == 1 else parts["loss"] * scale).backward()
+        for i, part in enumerate(micro):
+            # DDP reduces the gradients once per step, on the last micro-batch's backward
+            with (no_sync() if no_sync is not None and i < len(micro) - 1 else contextlib.nullcontext()):
+                parts, logits, hard = _forward(step_module, teacher, augment, split, part, epoch, num_classes,
+                                               device, cfg.amp)
+                # DDP averages the ranks' gradients: each micro-batch's mean loss is weighted by its share
+                # of the global batch, so the sum is the gradient of the global batch mean whatever the
+                # ranks' slices and the micro-batches (only a split smaller than the batch is uneven)
+                scale = len(part) * world / len(batch)
+                (parts["loss"] if scale == 1 else parts["loss"] * scale).backward()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0) + value.detach().float() * len(part)
+            correct += (logits.argmax(dim=1) == hard).sum()
+            seen += len(part)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(student)
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0) + value.detach().float() * len(idx)
-        correct += (logits.argmax(dim=1) == hard).sum()
-        seen += len(idx)
         if cfg.progress and rank == 0 and (step % 10 == 0 or step == len(batches) - 1):
             shown = running.update(sums["loss"], correct, seen)
             figures = {"loss": f"{shown[0]:.3f}", "acc": f"{shown[1]:.3f}"} if shown else {}
