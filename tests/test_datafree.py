@@ -340,3 +340,35 @@ def test_adaptive_deepinversion_competes_with_a_trained_student(digits_teacher: 
                            load_data(f"synthetic:{tmp_path / 'plain'}").train.images)
     r = run_cli_fast(*args, "--out", str(tmp_path / "none"), "--set", "synth.competition_weight=0.2")
     assert r.returncode == 2 and "competes with a trained student" in r.stderr and not (tmp_path / "none").exists()
+
+
+def test_several_folders_pool_their_images(digits_teacher: Path, tmp_path: Path) -> None:
+    """``synthetic:A,B`` trains on both sets' images, in order, tested on the one real split; folders
+    made for other data, with the same settings and seed, or named twice are one-line errors."""
+    base = ["synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights",
+            str(digits_teacher), *SMALL[:4], "--iters", "2", *SMALL[6:]]
+    a, b, same, small = (tmp_path / n for n in ("a", "b", "same", "small"))
+    assert run_cli_fast(*base, "--out", str(a)).returncode == 0
+    assert run_cli_fast(*base, "--out", str(b), "--seed", "1").returncode == 0
+    one, two = load_data(f"synthetic:{a}"), load_data(f"synthetic:{b}")
+    pooled = load_data(f"synthetic:{a},{b}")
+    assert torch.equal(pooled.train.images, torch.cat([one.train.images, two.train.images]))
+    assert torch.equal(pooled.train.labels, torch.cat([one.train.labels, two.train.labels]))
+    assert torch.equal(pooled.test.images, one.test.images) and pooled.classes == one.classes
+    assert len({one.fingerprint, two.fingerprint, pooled.fingerprint, load_data(f"synthetic:{b},{a}").fingerprint}) == 4
+
+    run = tmp_path / "student"
+    r = run_cli_fast("train", "--data", f"synthetic:{a}, {b}", "--model", "vit_femto_patch4_16", "--epochs", "1",
+                     "--batch-size", "20", "--threads", "1", "--no-progress", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+    assert run_cli_fast(*base, "--out", str(same)).returncode == 0
+    assert run_cli_fast(*base, "--out", str(small), "--seed", "2", "--set", "data.img_size=12").returncode == 0
+    for spec, says in ((f"{a},{same}", "same settings and seed"), (f"{a},{small}", "made for different data"),
+                       (f"{a},{a}", "names a folder twice"), (f"{a},", "empty folder name"),
+                       (f"{a},{tmp_path / 'none'}", "does not exist")):
+        r = run_cli_fast("train", "--data", f"synthetic:{spec}", "--model", "vit_femto_patch4_16", "--threads", "1",
+                         "--no-progress", "--out", str(tmp_path / "bad"))
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (spec, r.stderr)
+    assert not (tmp_path / "bad").exists()

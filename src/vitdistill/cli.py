@@ -63,7 +63,8 @@ def _add_common(p: argparse.ArgumentParser, run_dir: bool = True, trains: bool =
     p.add_argument("--config", help="YAML config file (every option below is also a key there)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.epochs=3 (repeatable)")
-    p.add_argument("--data", help="digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH | synthetic:DIR")
+    p.add_argument("--data",
+                   help="digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH | synthetic:DIR[,DIR]")
     if run_dir:
         p.add_argument("--out", help="run directory (default runs/<mode>-<method>-<model>)")
     p.add_argument("--epochs", type=int)

@@ -20,7 +20,7 @@ from vitdistill.errors import UserError, did_you_mean
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH | synthetic:DIR
+    source: str = "digits"  # digits | mnist5k | cifar10:DIR | cifar100:DIR | imagefolder:PATH | synthetic:DIR[,DIR]
     cache_dir: str | None = None  # decoded uint8 cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
     img_size: int | None = None  # resize once at decode; None keeps the native size
     val_fraction: float = 0.1  # held-out share when the source has no test split

@@ -75,19 +75,38 @@ def load_data(
         return _EMBEDDED[kind](img_size)
     if not arg.strip():
         raise UserError(f"data source '{kind}' needs a path: '{kind}:PATH'")
+    if kind == "synthetic":
+        paths = synthetic_paths(arg.strip())
+        return load_synthetic(paths, img_size, lambda real, size: load_data(real, cache_dir, size, val_fraction),
+                              resize_uint8)
     path = Path(arg.strip()).expanduser()
     if not path.exists():
-        what = {"imagefolder": "a folder or a .tar/.tar.gz archive in ImageFolder layout",
-                "synthetic": "a folder written by `vitdistill synthesize`"}.get(
+        what = {"imagefolder": "a folder or a .tar/.tar.gz archive in ImageFolder layout"}.get(
             kind, "a folder holding the CIFAR files (train.tar.gz and test.tar.gz, or torchvision's)")
         raise UserError(f"data path '{path}' does not exist; point '{kind}:' at {what}")
     path = path.resolve()
     if kind == "imagefolder":
         return _load_imagefolder(path, cache_dir, img_size, val_fraction)
-    if kind == "synthetic":
-        return load_synthetic(path, img_size, lambda real, size: load_data(real, cache_dir, size, val_fraction),
-                              resize_uint8)
     return _load_cifar(kind, path, cache_dir, img_size)
+
+
+def synthetic_paths(arg: str) -> list[Path]:
+    """The folders of ``synthetic:A[,B...]``: several, comma-separated, pool their images (a path that
+    exists as given is one folder, commas and all)."""
+    whole = Path(arg).expanduser()
+    names = [arg] if whole.exists() or "," not in arg else [a.strip() for a in arg.split(",")]
+    if any(not n for n in names):
+        raise UserError(f"'synthetic:{arg}' has an empty folder name; separate folders with single commas")
+    paths = []
+    for name in names:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"data path '{path}' does not exist; point 'synthetic:' at a folder written by "
+                            "`vitdistill synthesize` (several: synthetic:A,B)")
+        paths.append(path.resolve())
+    if len(set(paths)) < len(paths):
+        raise UserError(f"'synthetic:{arg}' names a folder twice; name each once")
+    return paths
 
 
 def _cached(fp: str, cache_dir: str | os.PathLike[str] | None, build: Callable[[], Dataset]) -> Dataset:

@@ -1,5 +1,5 @@
 """The ``synthetic:DIR`` source: images made by ``vitdistill synthesize`` (DeepInversion), scored on
-the test split of the real data set they were made for.
+the test split of the real data set they were made for; ``synthetic:A,B`` pools several folders.
 
 The folder's ``images.safetensors`` holds uint8 images, their labels and, as metadata, the spec of
 the real data set (``test_data``). Training uses the synthetic images only; the test split, the class
@@ -43,39 +43,61 @@ def read_synthetic(path: Path) -> tuple[dict[str, str], torch.Tensor, torch.Tens
 
 
 def load_synthetic(
-    path: Path,
+    paths: list[Path],
     img_size: int | None,
     load_real: Callable[[str, int | None], Dataset],
     resize: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> Dataset:
     """The synthetic training split beside the real test split named in its metadata.
 
+    Several folders (``synthetic:A,B``: rounds of Adaptive DeepInversion, or parts made by several
+    processes) pool their images; they must stand for the same real set at the same size, and differ
+    in settings or seed, since the same settings and seed make the same images.
     ``img_size`` resizes both (default: the size the images were made at); ``load_real(spec,
     img_size)`` loads the real data set.
     """
-    meta, images, labels = read_synthetic(path)
+    metas, images, labels = [], [], []
+    for path in paths:
+        meta, x, y = read_synthetic(path)
+        metas.append(meta)
+        images.append(x)
+        labels.append(y)
+    first, meta = paths[0], metas[0]
+    for path, other in zip(paths[1:], metas[1:]):
+        for key in ("test_data", "img_size", "classes", "pad", "hflip"):
+            if other.get(key) != meta.get(key):
+                raise UserError(f"'{path}' and '{first}' were made for different data ({key} "
+                                f"{other.get(key)!r} against {meta.get(key)!r}); pool only sets made with the same "
+                                "--data and data settings")
+        if other.get("settings") and other.get("settings") == meta.get("settings"):
+            raise UserError(f"'{path}' and '{first}' were made with the same settings and seed, so they hold the "
+                            "same images; make one again with another --seed")
     spec = meta.get("test_data", "")
     if spec.partition(":")[0].strip().lower() in ("", "synthetic"):
-        raise UserError(f"'{path}' names no real data set to test on (test_data={spec!r}); make it again "
+        raise UserError(f"'{first}' names no real data set to test on (test_data={spec!r}); make it again "
                         "with `vitdistill synthesize --data SOURCE`")
     try:  # metadata are strings; a damaged one is named, not a ValueError deep in the load
         made_at = int(meta["img_size"]) if meta.get("img_size") else None
         pad = int(meta["pad"]) if "pad" in meta else None
     except ValueError:
-        raise UserError(f"'{path}' has damaged metadata (img_size={meta.get('img_size')!r}, pad={meta.get('pad')!r}); "
-                        "make it again with `vitdistill synthesize`") from None
+        raise UserError(f"'{first}' has damaged metadata (img_size={meta.get('img_size')!r}, "
+                        f"pad={meta.get('pad')!r}); make it again with `vitdistill synthesize`") from None
     real = load_real(spec, img_size if img_size is not None else made_at)
     side = real.img_size
-    if images.shape[2] != side:
-        images = resize(images, side)
-    if images.shape[1] != real.in_chans or labels.max() >= real.num_classes or labels.min() < 0:
-        raise UserError(f"'{path}' holds {images.shape[1]}-channel images of {int(labels.max()) + 1} classes but "
-                        f"'{spec}' has {real.in_chans} channels and {real.num_classes} classes; make it again "
-                        "for this data set")
-    file = path / IMAGES if path.is_dir() else path
-    fp = fingerprint({"kind": "synthetic", "path": str(file), "inputs": file_stamp(file),
-                      "settings": meta.get("settings"), "test": real.fingerprint, "img_size": side})
+    for i, (path, x, y) in enumerate(zip(paths, images, labels)):
+        if x.shape[2] != side:
+            images[i] = x = resize(x, side)
+        if x.shape[1] != real.in_chans or y.max() >= real.num_classes or y.min() < 0:
+            raise UserError(f"'{path}' holds {x.shape[1]}-channel images of {int(y.max()) + 1} classes but "
+                            f"'{spec}' has {real.in_chans} channels and {real.num_classes} classes; make it again "
+                            "for this data set")
+    files = [p / IMAGES if p.is_dir() else p for p in paths]
+    # one folder keeps the fingerprint it had before pooling existed
+    where = {"path": str(files[0]), "inputs": file_stamp(files[0]), "settings": meta.get("settings")} \
+        if len(files) == 1 else {"paths": [str(f) for f in files], "inputs": [file_stamp(f) for f in files],
+                                 "settings": [m.get("settings") for m in metas]}
+    fp = fingerprint({"kind": "synthetic", **where, "test": real.fingerprint, "img_size": side})
     return Dataset(name=f"synthetic-{real.name}", classes=real.classes,
-                   train=DataSplit(images.contiguous(), labels), test=real.test, fingerprint=fp,
-                   pad=real.pad if pad is None else pad, hflip=meta.get("hflip", str(real.hflip).lower()) == "true")
-
+                   train=DataSplit(torch.cat(images).contiguous(), torch.cat(labels)), test=real.test,
+                   fingerprint=fp, pad=real.pad if pad is None else pad,
+                   hflip=meta.get("hflip", str(real.hflip).lower()) == "true")
