@@ -165,3 +165,20 @@ def test_progress_figures_on_cpu_are_read_at_once() -> None:
 
     running = RunningFigures(torch.device("cpu"))
     assert running.update(torch.tensor(6.0), torch.tensor(3), 4) == (1.5, 0.75)
+
+
+def test_cpu_compile_drops_only_the_cuda_home_note(caplog: pytest.LogCaptureFixture) -> None:
+    """Inductor on a CPU machine with a CUDA toolkit logs "No CUDA runtime is found, using
+    CUDA_HOME=..." through torch's cpp_extension logger; a run filters that line and no other."""
+    import logging
+
+    from vitdistill.engine.speed import quiet_cpu_compile
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet_cpu_compile()
+    quiet_cpu_compile()
+    assert sum(type(f).__name__ == "_NoCudaRuntimeNote" for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

@@ -9,6 +9,7 @@ recompile or break each time.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 
@@ -109,6 +110,8 @@ def compile_teachers(cfg: TrainConfig, teachers: list) -> list[str]:
     check_compile(cfg)
     if not cfg.compile:
         return []
+    if not torch.cuda.is_available():
+        quiet_cpu_compile()
     notes = []
     for i, teacher in enumerate(teachers):
         if teacher.taps is None:
@@ -117,6 +120,21 @@ def compile_teachers(cfg: TrainConfig, teachers: list) -> list[str]:
         else:
             notes.append(f"teacher {i}: eager (its features are tapped)")
     return notes
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which inductor's CPU
+    code generation triggers on a machine with a CUDA toolkit and no GPU: nothing is wrong there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_cpu_compile() -> None:
+    """Keep the CUDA_HOME note out of a CPU run's output (once per process)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
 
 
 def compile_models(cfg: TrainConfig, student: torch.nn.Module, taps: FeatureTaps | None,
@@ -130,6 +148,8 @@ def compile_models(cfg: TrainConfig, student: torch.nn.Module, taps: FeatureTaps
     check_compile(cfg)
     if not cfg.compile:
         return student, []
+    if not torch.cuda.is_available():
+        quiet_cpu_compile()
     if taps is None or not taps.taps:
         run, notes = torch.compile(student, **_compile_kwargs(cfg)), ["student: torch.compile"]
     else:
