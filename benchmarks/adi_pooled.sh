@@ -30,6 +30,6 @@ for v in ("plain", "adi"):
     runs = [json.load(open(f"{out}/kd-{v}-s{s}/summary.json")) for s in seeds]
     top1 = [r["student_top1"] for r in runs]
     row[v] = {"seeds": seeds, "top1": [round(t, 4) for t in top1], "mean": round(statistics.mean(top1), 4),
-              "train_images": None, "wall_s": [r["wall_s"] for r in runs]}
+              "wall_s": [r["wall_s"] for r in runs]}
 print(json.dumps(row))
 PY

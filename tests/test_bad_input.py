@@ -387,3 +387,38 @@ def test_cache_teacher_takes_no_training_flags() -> None:
     args = build_parser().parse_args(["cache-teacher", "--batch-size", "32", "--cache", "c"])
     cfg = resolve_config(args, {**_COMMON, **_CACHE})
     assert cfg.train.eval_batch_size == 32
+
+
+def test_a_diverged_run_stops_with_one_line(tmp_path: Path) -> None:
+    """A loss that became NaN (here: lr 1e30, no clipping) stops the run instead of training and
+    saving a NaN student with exit code 0; the epoch's checkpoint is not written."""
+    out = tmp_path / "run"
+    _fails(*_train(out, "--lr", "1e30", "--set", "train.clip_grad=null"), says="the training loss became nan in epoch 1")
+    assert not (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("method, knob, says", [
+    ("logit-kd", "tau=.nan", "method.tau of 'logit-kd' must be a finite number, got nan"),
+    ("logit-kd", "tau=.inf", "method.tau of 'logit-kd' must be a finite number, got inf"),
+    ("dkd", "beta=.nan", "method.beta of 'dkd' must be a finite number"),
+    ("dearkd", "kd_alpha=2", "kd_alpha must lie in [0, 1], not 2"),
+    ("manifold", "kd_alpha=-1", "kd_alpha must lie in [0, 1], not -1"),
+])
+def test_method_knobs_out_of_range_are_one_line(teacher_run: Path, tmp_path: Path, method: str, knob: str,
+                                                 says: str) -> None:
+    student = "deit_femto_distilled_patch4_16" if method in ("dearkd", "manifold") else "vit_femto_patch4_16"
+    _fails("distill", "--method", method, "--student", student, "--teacher", "resnet_micro_cnn", "--teacher-weights",
+           str(teacher_run), "--epochs", "1", *TINY, "--out", str(tmp_path / "r"), "--set", f"method.{knob}", says=says)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("method", ["dearkd", "manifold", "tat", "vitkd", "hidden", "attention", "minivit"])
+def test_an_empty_layer_list_is_one_line(teacher_run: Path, vit_teacher_run: Path, tmp_path: Path,
+                                         method: str) -> None:
+    vit = method in ("attention", "minivit")
+    _fails("distill", "--method", method, "--student", "vit_femto_patch4_16", "--teacher",
+           "vit_femto_patch4_16" if vit else "resnet_micro_cnn", "--teacher-weights",
+           str(vit_teacher_run if vit else teacher_run), "--epochs", "1", *TINY, "--out", str(tmp_path / "r"),
+           "--set", "method.student_layers=[]", says=f"bad knob for method '{method}': student_layers must be a non-empty "
+           "list of layer indices, not []")
+    assert not (tmp_path / "r").exists()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -110,6 +111,13 @@ def test_rerun_trains_nothing_and_report_only_rebuilds(grid: Path, capsys: pytes
     assert (grid / "leaderboard.csv").exists()
     assert main(["compare", "--config", str(grid.parent / "grid.yaml"), "--out", str(grid), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("[done]") == 7
+    # a finished teacher under another config is said, dry or not: every distilled run learnt from it
+    for extra in (["--dry-run"], []):
+        assert main(["compare", "--config", str(grid.parent / "grid.yaml"), "--out", str(grid),
+                     "--set", "compare.teacher.epochs=3", *extra]) == 0
+        said = capsys.readouterr().out
+        assert said.count("note:") == 1 and "note: the teacher" in said and "train.epochs" in said, said
+    assert {p: p.stat().st_mtime_ns for p in grid.glob("**/summary.json")} == stamps
 
 
 def test_leaderboard_holds_only_the_grids_cells_and_seeds(grid: Path, tmp_path: Path,
@@ -127,6 +135,12 @@ def test_leaderboard_holds_only_the_grids_cells_and_seeds(grid: Path, tmp_path: 
         rows = {r["label"]: r for r in csv.DictReader(f)}
     assert set(rows) == {*CELLS, "teacher"} and rows["none"]["n_seeds"] == "2"
     assert float(rows["none"]["top1_mean"]) < 0.99
+    # the grid continued in the copy (nothing left to train) keeps knowing where its runs were made
+    assert main(["compare", "--config", str(grid.parent / "grid.yaml"), "--out", str(out)]) == 0
+    assert json.loads((out / "compare.json").read_text())["was"] == [str(grid.resolve())]
+    with open(out / "leaderboard.csv") as f:
+        assert {r["label"] for r in csv.DictReader(f)} == {*CELLS, "teacher"}
+    capsys.readouterr()
     for path, text, says in [("cells/none/seed0/summary.json", '{"student_top1": ', "(not JSON)"),
                              ("cells/none/seed0/summary.json", '{"method": "none"}', "(no student_top1)"),
                              ("cells/none/seed1/metrics.jsonl", '{"epoch": 1}\n{"epo', "(line 2 is not an epoch"),
@@ -175,8 +189,10 @@ def test_gain_kept_and_bands_by_hand(tmp_path: Path) -> None:
     _fake_run(tmp_path, "kd-big", 0, method="logit-kd", student="b", student_top1=0.72, latency_ms_b1=3.0, **t)
     rows = {r["label"]: r for r in build_rows(tmp_path)[0]}
     assert rows["none"]["top1_mean"] == pytest.approx(0.6) and rows["none"]["top1_std"] == pytest.approx(0.1414213562)
-    assert rows["kd"]["gain_pts"] == pytest.approx(4.0) and rows["kd"]["kept"] == pytest.approx(0.8)
-    assert rows["kd-big"]["gain_pts"] == pytest.approx(12.0)  # no baseline of its student: the first one
+    # the gain is paired by seed: kd finished seed 0 only, so it is 64 - 50, not 64 - mean(50, 70)
+    assert rows["kd"]["gain_pts"] == pytest.approx(14.0) and rows["kd"]["kept"] == pytest.approx(0.8)
+    assert rows["kd"]["gain_seeds"] == 1 and rows["none"]["gain_seeds"] == 2
+    assert rows["kd-big"]["gain_pts"] == pytest.approx(22.0)  # no baseline of its student: the first one
     assert rows["none"]["kept"] == pytest.approx(0.75)  # the main teacher for a no-KD cell
     assert rows["teacher"]["top1_mean"] == pytest.approx(0.8) and rows["teacher"]["role"] == "teacher"
     assert [rows[x]["latency_band"] for x in ("none", "kd", "kd-big")] == ["[1,2)", "[1,2)", "[2,4)"]
@@ -196,13 +212,16 @@ def test_gain_confidence_interval_is_paired_by_seed(tmp_path: Path) -> None:
     half = 4.302652729911275 * math.sqrt(7 / 3) / math.sqrt(3)
     assert rows["kd"]["gain_ci95_lo"] == pytest.approx(13 / 3 - half, abs=1e-4)
     assert rows["kd"]["gain_ci95_hi"] == pytest.approx(13 / 3 + half, abs=1e-4)
-    # an unpaired seed moves the mean gain but not the paired interval
-    assert rows["kd"]["gain_pts"] == pytest.approx(100 * (0.54 + 0.73 + 0.66 + 0.99) / 4 - 60)
+    # a seed the no-KD cell lacks moves neither the gain nor its interval: both are on the paired seeds
+    assert rows["kd"]["gain_pts"] == pytest.approx(13 / 3) and rows["kd"]["gain_seeds"] == 3
+    assert rows["kd"]["top1_mean"] == pytest.approx((0.54 + 0.73 + 0.66 + 0.99) / 4)
     assert rows["one"]["gain_ci95_lo"] is None  # one paired seed: no interval
     assert rows["none"]["gain_ci95_lo"] is None and rows["teacher"]["gain_ci95_hi"] is None
     write_leaderboard(tmp_path)
     md = (tmp_path / "leaderboard.md").read_text()
     assert f"[{13 / 3 - half:+.2f}, {13 / 3 + half:+.2f}]" in md and "gain 95% CI (pts)" in md
+    assert "+4.33 (3 paired)" in md
+    assert re.search(r"\| none +\| none .*\| \+0\.00 +\|", md)  # the no-KD cell: all its seeds, no note
 
 
 def test_a_row_per_teacher_of_a_multi_teacher_cell(tmp_path: Path) -> None:

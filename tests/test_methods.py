@@ -415,3 +415,27 @@ def test_every_registered_method_describes_itself():
         method = build_method({"name": name})
         assert method.needs_teacher == (name != "none")
         assert isinstance(method_knobs(cls), dict)
+
+
+def test_teacher_layers_alone_keep_the_methods_own_student_layers():
+    """``method.teacher_layers`` given alone pairs the method's default student layers with them,
+    as each page says (it once fell back to every student block, and the lengths then differed)."""
+    from vitdistill.models.taps import LayerInfo, ModelInfo
+
+    def vit(name: str, depth: int) -> ModelInfo:
+        return ModelInfo(name, "vit", [LayerInfo(f"blocks.{i}", (17, 32), 2) for i in range(depth)],
+                         num_prefix_tokens=1)
+
+    student, teacher = vit("s", 6), vit("t", 6)
+    for options, expect in [
+        ({"name": "vitkd", "teacher_layers": [3, 4]}, [(0, 3), (1, 4)]),  # the first `shallow` (2)
+        ({"name": "tat", "teacher_layers": [2]}, [(5, 2)]),  # the last block
+        ({"name": "minivit", "teacher_layers": [2]}, [(5, 2)]),  # the last block
+        ({"name": "attention", "target": "qkv", "teacher_layers": [2]}, [(5, 2)]),  # qkv: the last block
+        ({"name": "manifold", "teacher_layers": [1, 2, 3, 4]}, [(0, 1), (1, 2), (4, 3), (5, 4)]),  # first, last thirds
+        ({"name": "dearkd", "teacher_layers": [3, 4, 5]}, [(0, 3), (1, 4), (2, 5)]),  # the early half
+        ({"name": "hidden", "teacher_layers": [0, 1, 2, 3, 4, 5]}, [(i, i) for i in range(6)]),  # every block
+    ]:
+        method = build_method(options)
+        method.setup(student, [teacher])
+        assert method.pairs == expect, options

@@ -60,7 +60,7 @@ def sq(a: list[float], b: list[float]) -> float:
 def masked_positions(seed: int, step: int, ratio: float) -> list[set[int]]:
     """The documented mask contract: uniform noise from a generator seeded seed * 2^32 + step; per image
     the tokens ranked after the first int(N * (1 - ratio)) are masked."""
-    noise = torch.rand(B, N, generator=torch.Generator().manual_seed(seed * 2**32 + step)).tolist()
+    noise = torch.rand(B, N, generator=torch.Generator().manual_seed((seed * 2654435761 + step) % 2**32)).tolist()
     keep = int(N * (1 - ratio))
     return [set(sorted(range(N), key=noise[b].__getitem__)[keep:]) for b in range(B)]
 
@@ -303,3 +303,18 @@ def test_a_cnn_student_is_a_one_line_error(tmp_path, vit_teacher_run):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "needs a ViT student" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_seed_knob_moves_the_draws() -> None:
+    """torch's CPU generator keeps 32 bits of a seed; StepRandom's seed must survive that, so
+    ``method.seed`` gives other masks (it once did not), while seed 0 draws as it always did."""
+    from vitdistill.methods._features import StepRandom
+
+    def masks(seed: int, steps: int = 3) -> list[torch.Tensor]:
+        r = StepRandom(seed)
+        return [torch.randperm(64, generator=r.next()) for _ in range(steps)]
+
+    assert all(torch.equal(a, b) for a, b in zip(masks(5), masks(5)))
+    assert not any(torch.equal(a, b) for a, b in zip(masks(0), masks(5)))
+    assert all(torch.equal(m, torch.randperm(64, generator=torch.Generator().manual_seed(k)))
+               for k, m in enumerate(masks(0)))

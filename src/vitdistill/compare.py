@@ -343,16 +343,26 @@ class Progress:
         print(f"[{k}/{len(self.runs)}] {text}  (elapsed {elapsed}, {self.eta()})", flush=True)
 
 
-def _warn_if_changed(job: Job) -> None:
+def _changed(job: Job) -> str:
+    """The first difference between a finished run's saved config and the grid's ("" if none)."""
     from vitdistill.engine.run import _comparable, _first_difference
 
     try:
         saved = yaml.safe_load((job.out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return
-    diff = _first_difference(_comparable(job.cfg.to_dict()), _comparable(saved or {}))
+        return ""
+    return _first_difference(_comparable(job.cfg.to_dict()), _comparable(saved or {}))
+
+
+_TEACHER_CHANGED = ("  note: the teacher '{out}' finished under another config ({diff}), and the runs that distilled "
+                    "from it learnt from that one; delete it and those runs to rerun with this config")
+
+
+def _warn_if_changed(job: Job, teacher: bool = False) -> None:
+    diff = _changed(job)
     if diff:
-        print(f"  note: '{job.out}' finished under another config ({diff}); delete it to rerun", flush=True)
+        print(_TEACHER_CHANGED.format(out=job.out, diff=diff) if teacher else
+              f"  note: '{job.out}' finished under another config ({diff}); delete it to rerun", flush=True)
 
 
 def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teacher: bool = True) -> int:
@@ -375,6 +385,8 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
         status = dist.on_main(lambda: _status(teacher.out))
         if status == "done":
             print(f"teacher: skip {teacher.cfg.model.student} ({teacher.out}, finished)", flush=True)
+            if dist.is_main():
+                _warn_if_changed(teacher, teacher=True)
         else:
             print(f"teacher: train {teacher.cfg.model.student} for {teacher.cfg.train.epochs} epochs -> "
                   f"{teacher.out} ({status})", flush=True)
@@ -425,6 +437,18 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
     return left
 
 
+def _former_places(out: Path) -> list[str]:
+    """Where the grid in ``out`` was run before, when the folder was copied or moved since: its
+    runs name the grid's teacher by those paths, and the leaderboard maps them to ``out``."""
+    try:
+        saved = json.loads((out / "compare.json").read_text())
+        places = [saved.get("out"), *saved.get("was", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    here = str(out.resolve())
+    return list(dict.fromkeys(p for p in places if isinstance(p, str) and p != here))
+
+
 def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Spec, out: Path,
                shard: tuple[int, int] | None = None) -> None:
     n = len(spec.cells) * len(spec.seeds)
@@ -433,8 +457,11 @@ def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Sp
     if shard:  # the caches this shard writes; it waits for the others
         caches = [c for c in caches if any(c.out in j.caches and c.out not in j.waits_for for j in runs)]
     if teacher is not None and not (shard and shard[0] != 1):
+        state = _status(teacher.out)
         print(f"teacher  train {teacher.cfg.model.student}, {teacher.cfg.train.epochs} epochs, seed {teacher.seed} "
-              f"-> {teacher.out} [{_status(teacher.out)}]")
+              f"-> {teacher.out} [{state}]")
+        if state == "done":
+            _warn_if_changed(teacher, teacher=True)
     for c in caches:
         state = "complete" if _cache_done(c.out, c.cfg.train.epochs) else "to write"
         print(f"cache    {c.cfg.model.teacher}, {c.cfg.train.epochs} epochs, seed {c.seed} -> {c.out} [{state}]")
@@ -446,6 +473,8 @@ def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Sp
         print(f"run {k}/{len(runs)}  {job.label} seed {job.seed}: {job.mode} {m['name']}"
               f"{' (' + knobs + ')' if knobs else ''} {job.cfg.model.student}{teach}, {job.cfg.train.epochs} epochs "
               f"-> {job.out} [{_status(job.out)}]")
+        if _status(job.out) == "done":
+            _warn_if_changed(job)
 
 
 def compare_cli(args: Any) -> int:
@@ -490,7 +519,7 @@ def compare_cli(args: Any) -> int:
             io.make_folder(out)
             io.write_json(out / "compare.json", {"cells": [c.label for c in spec.cells], "seeds": spec.seeds,
                                                  "teacher": "teacher" if teacher else None,
-                                                 "out": str(out.resolve())})
+                                                 "out": str(out.resolve()), "was": _former_places(out)})
         try:
             left = execute(teacher, caches, runs, trains_teacher=shard is None or shard[0] == 1)
         except KeyboardInterrupt:

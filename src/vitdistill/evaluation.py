@@ -9,7 +9,7 @@ import torch
 
 from vitdistill.config import Config, build_config, load_yaml
 from vitdistill.data import Dataset
-from vitdistill.engine.evaluate import accuracy, predict
+from vitdistill.engine.evaluate import accuracy, calibration, predict
 from vitdistill.engine.setup import load_run_data
 from vitdistill.engine.runtime import pick_device
 from vitdistill.errors import UserError
@@ -82,7 +82,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
         tmodel, _ = create_model(args.teacher, data.num_classes, data.img_size, weights=args.teacher_weights)
         teacher = Teacher(tmodel).to(device)
         teacher_pred = predict(lambda x: teacher(x)["logits"], data.test, args.batch_size, device).argmax(1)
-    result = accuracy(logits, data.test.labels, teacher_pred)
+    result = {**accuracy(logits, data.test.labels, teacher_pred), **calibration(logits, data.test.labels)}
     return {"model": name, "data": cfg.data.source, "n": len(data.test), **result}
 
 

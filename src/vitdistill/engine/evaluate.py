@@ -1,4 +1,4 @@
-"""Evaluation: top-1, top-5 and agreement with the teacher, in the model's inference mode."""
+"""Evaluation: top-1, top-5, agreement with the teacher and calibration, in the model's inference mode."""
 from __future__ import annotations
 
 from typing import Callable
@@ -32,3 +32,25 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, teacher_pred: torch.Ten
     if teacher_pred is not None:
         out["agreement"] = (topk[:, 0] == teacher_pred).float().mean().item()
     return out
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Negative log-likelihood and expected calibration error of the softmax of ``logits``.
+
+    ECE (Guo, Pleiss, Sun and Weinberger, ICML 2017, arXiv:1706.04599), over ``bins`` equal-width
+    bins of the confidence ``c_i = max_k p_ik``, bin ``m`` holding ``c`` in ``((m-1)/M, m/M]``:
+
+        ECE = sum_m |B_m| / n * | acc(B_m) - conf(B_m) |
+
+    Distillation moves it both ways (soft targets tend to calibrate a student, hard ones to make it
+    over-confident), so a run reports it beside top-1. ``nll`` is the mean cross-entropy in nats.
+    """
+    logits = logits.float()
+    labels = labels.to(logits.device)
+    probs = logits.softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    bin_of = torch.bucketize(conf, torch.linspace(0, 1, bins + 1, device=logits.device)[1:-1])
+    gap = torch.zeros(bins, dtype=torch.float64, device=logits.device)
+    gap.index_add_(0, bin_of, (pred == labels).double() - conf.double())
+    return {"nll": torch.nn.functional.cross_entropy(logits, labels).item(),
+            "ece": (gap.abs().sum() / len(labels)).item()}

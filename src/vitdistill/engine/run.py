@@ -7,6 +7,7 @@ train), checkpoint.pt (resume state, tensors only) and report.md with report.png
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from vitdistill.data import DataSplit
 from vitdistill.engine import distributed as dist
 from vitdistill.engine import io, speed
 from vitdistill.engine.ema import check_ema, make_ema
-from vitdistill.engine.evaluate import accuracy
+from vitdistill.engine.evaluate import accuracy, calibration
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.setup import (augment_for, load_run_data, method_and_student, setup_method, teacher_names,
                                      teacher_side)
@@ -198,10 +199,15 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
                                augment=augment, taps=taps, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
                                epoch=epoch, device=device, num_classes=data.num_classes,
                                desc=f"{mode} {epoch + 1}/{cfg.train.epochs}", step_module=step_module, ema=ema))
+        if not math.isfinite(row["train_loss"]):  # the same sum on every rank: all stop together
+            raise UserError(f"the training loss became {row['train_loss']} in epoch {epoch + 1}; nothing of that epoch "
+                            "was saved. Lower train.lr, keep train.clip_grad on, or check the method's knobs, then run "
+                            "again into a new --out")
         student.eval()
         # each rank evaluates its block of test batches; the logits are gathered on every rank
-        acc = accuracy(dist.predict(ema_eval if ema is not None else student_eval, data.test,
-                                    cfg.train.eval_batch_size, device), data.test.labels, teacher_pred)
+        logits = dist.predict(ema_eval if ema is not None else student_eval, data.test, cfg.train.eval_batch_size,
+                              device)
+        acc = {**accuracy(logits, data.test.labels, teacher_pred), **calibration(logits, data.test.labels)}
         row.update({f"test_{k}": v for k, v in acc.items()})
         if ema is not None:  # the averaged student is the one scored and saved; the live one beside it
             live = accuracy(dist.predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels)
@@ -246,6 +252,7 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
         "teacher": (cfg.model.teacher or getattr(side.source, "header", {}).get("teacher")) if side else None,
         "teacher_cache": cfg.cache.dir if side else None,
         "student_top1": final.get("test_top1"), "student_top5": final.get("test_top5"),
+        "student_nll": final.get("test_nll"), "student_ece": final.get("test_ece"),
         "agreement": final.get("test_agreement"), "test_images": len(data.test.labels),
         "teacher_top1": teacher_acc["top1"] if teacher_acc else None,
         "epochs": cfg.train.epochs, "wall_s": round(wall, 2), "img_size": data.img_size, "timm_spec": spec,

@@ -125,7 +125,8 @@ def train_epoch(
     step_module: torch.nn.Module | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict:
-    """One epoch; returns the mean of every loss part, train accuracy, lr and images per second.
+    """One epoch; returns the mean of every loss part, train accuracy, the lr of its last step and
+    images per second.
 
     ``step_module`` is the student and method as one :class:`~vitdistill.engine.distributed.TrainStep`,
     wrapped in ``DistributedDataParallel`` under several processes; built here when not given. Under
@@ -172,6 +173,7 @@ def train_epoch(
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
         optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         scheduler.step()
         if ema is not None:
             ema.update_parameters(student)
@@ -184,6 +186,6 @@ def train_epoch(
     total = dist.all_reduce_sums({**{f"part/{k}": v for k, v in sums.items()}, "correct": correct, "seen": seen})
     seen_all = total["seen"]
     out = {("train_loss" if k == "loss" else f"loss_{k}"): total[f"part/{k}"] / seen_all for k in sums}
-    out.update(train_top1=total["correct"] / seen_all, lr=optimizer.param_groups[0]["lr"],
+    out.update(train_top1=total["correct"] / seen_all, lr=lr,
                img_s=seen_all / elapsed, epoch_s=elapsed)
     return out

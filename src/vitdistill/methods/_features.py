@@ -19,12 +19,25 @@ from vitdistill.models.taps import LayerInfo, ModelInfo, resolve_layer_map
 
 
 def layer_pairs(method: str, student: ModelInfo, teachers: list[ModelInfo], student_layers: list[int] | None,
-                teacher_layers: list[int] | None) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs for a feature method, from its knobs or the uniform map."""
+                teacher_layers: list[int] | None, default_student: list[int] | None = None) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs for a feature method, from its knobs or the uniform map.
+
+    ``default_student``: the method's own student layers, which ``teacher_layers`` alone pairs with
+    (all blocks when None)."""
     if not teachers:
         raise UserError(f"method '{method}' reads the teacher's intermediate outputs; run it with a live teacher "
                         "(--teacher NAME --teacher-weights FILE), not a teacher cache")
+    if student_layers is None and teacher_layers is not None:
+        student_layers = default_student
     return resolve_layer_map(student, teachers[0], student_layers, teacher_layers)
+
+
+def check_layer_knobs(student_layers: object, teacher_layers: object) -> None:
+    """``student_layers`` / ``teacher_layers``: unset, or a non-empty list of layer indices."""
+    for knob, layers in (("student_layers", student_layers), ("teacher_layers", teacher_layers)):
+        if layers is not None and (not isinstance(layers, list | tuple) or not layers
+                                   or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+            raise ValueError(f"{knob} must be a non-empty list of layer indices, not {layers!r}")
 
 
 def require_vit(method: str, info: ModelInfo, role: str, serves: str) -> None:
@@ -98,8 +111,12 @@ class StepRandom(nn.Module):
         module._step = int(module.step)
 
     def next(self) -> torch.Generator:
-        """The generator of this step; advances the counter."""
-        g = torch.Generator().manual_seed(self.seed * 2**32 + self._step)
+        """The generator of this step; advances the counter.
+
+        torch's CPU generator keeps only the low 32 bits of its seed, so the seed moves the start
+        of the step counter, by a multiple of 2654435761 (Knuth's multiplicative hash) modulo 2^32:
+        two seeds' streams would meet only after about 2^31 steps. Seed 0 draws as it always has."""
+        g = torch.Generator().manual_seed((self.seed * 2654435761 + self._step) % 2**32)
         self._step += 1
         self.step.fill_(self._step)
         return g

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import check_relation_heads, layer_pairs, relation_heads, require_vit
+from vitdistill.methods._features import (check_layer_knobs, check_relation_heads, layer_pairs, relation_heads,
+                                          require_vit)
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads as head_outputs, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -146,10 +147,7 @@ class AttentionDistill(Method):
                 raise ValueError("relation_heads regroups queries, keys and values into heads: it needs target=qkv "
                                  "and heads auto or aligned")
         self.relation_heads = relation_heads
-        for knob, layers in (("student_layers", student_layers), ("teacher_layers", teacher_layers)):
-            if layers is not None and (not isinstance(layers, list | tuple) or not layers
-                                       or not all(isinstance(i, int) for i in layers)):
-                raise ValueError(f"{knob} must be a non-empty list of layer indices, not {layers!r}")
+        check_layer_knobs(student_layers, teacher_layers)
         self.beta, self.loss, self.heads, self.target = beta, loss, heads, target
         self.alpha, self.tau = alpha, tau
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
@@ -165,7 +163,8 @@ class AttentionDistill(Method):
         s_layers, t_layers = self.student_layers, self.teacher_layers
         if self.target == "qkv" and s_layers is None and t_layers is None and teachers:
             s_layers, t_layers = [student.depth - 1], [teachers[0].depth - 1]
-        pairs = layer_pairs(self.name, student, teachers, s_layers, t_layers)
+        pairs = layer_pairs(self.name, student, teachers, s_layers, t_layers,
+                            default_student=[student.depth - 1] if self.target == "qkv" else None)
         teacher = teachers[0]
         self.pairs = [(i % student.depth, j % teacher.depth) for i, j in pairs]
 

@@ -7,6 +7,7 @@ never names a method: everything method-specific reaches the loop through this c
 from __future__ import annotations
 
 import inspect
+import math
 from typing import ClassVar
 
 import torch
@@ -113,10 +114,11 @@ def soft_kl(
     return kl * (tau * tau) / denom
 
 
-def check_weights(alpha: float, tau: float | None = None) -> None:
-    """The knobs every weighted KD loss shares: a mixing weight in [0, 1], a positive temperature."""
+def check_weights(alpha: float, tau: float | None = None, alpha_name: str = "alpha") -> None:
+    """The knobs every weighted KD loss shares: a mixing weight in [0, 1] (the knob ``alpha_name``),
+    a positive temperature."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], not {alpha}")
+        raise ValueError(f"{alpha_name} must lie in [0, 1], not {alpha}")
     if tau is not None and tau <= 0:
         raise ValueError(f"tau must be positive, not {tau}")
 
@@ -142,6 +144,9 @@ def build_method(options: dict, label_smoothing: float = 0.0) -> Method:
         default = params[key].default
         number = isinstance(default, (int, float)) and not isinstance(default, bool)
         value = options[key]
+        # NaN passes every `< 0` check and inf every `> 0` one; either trains a NaN student with exit 0
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"method.{key} of '{cls.name}' must be a finite number, got {value!r}")
         if number and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise UserError(f"method.{key} of '{cls.name}' expects a number, got {value!r}")
         if isinstance(default, bool) and not isinstance(value, bool):

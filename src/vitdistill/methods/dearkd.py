@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitdistill.methods._features import grid_of, layer_pairs, patch_tokens, projector, require_vit, to_tokens
+from vitdistill.methods._features import (check_layer_knobs, grid_of, layer_pairs, patch_tokens, projector, require_vit,
+                                          to_tokens)
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -73,9 +74,10 @@ class DearKD(Method):
             raise ValueError(f"lambda_feat must be >= 0, not {lambda_feat}")
         if distillation not in ("hard", "soft"):
             raise ValueError(f"distillation must be 'hard' or 'soft', not {distillation!r}")
-        check_weights(kd_alpha, tau)
+        check_weights(kd_alpha, tau, "kd_alpha")
         self.stage1_epochs, self.lambda_feat = int(stage1_epochs), lambda_feat
         self.distillation, self.kd_alpha, self.tau = distillation, kd_alpha, tau
+        check_layer_knobs(student_layers, teacher_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         # 1 or 2; a buffer so the checkpoint holds it, mirrored in Python so no step syncs on it
         self.register_buffer("stage", torch.tensor(1 if self.stage1_epochs > 0 else 2, dtype=torch.int64))

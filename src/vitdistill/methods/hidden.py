@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import grid_of, layer_pairs, patch_tokens, projector, require_vit, to_tokens
+from vitdistill.methods._features import (check_layer_knobs, grid_of, layer_pairs, patch_tokens, projector, require_vit,
+                                          to_tokens)
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -67,10 +68,7 @@ class HiddenDistill(Method):
             raise ValueError(f"loss must be 'mse' or 'cosine', not {loss!r}")
         if tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {', '.join(TOKENS)}; not {tokens!r}")
-        for knob, layers in (("student_layers", student_layers), ("teacher_layers", teacher_layers)):
-            if layers is not None and (not isinstance(layers, list | tuple) or not layers
-                                       or not all(isinstance(i, int) for i in layers)):
-                raise ValueError(f"{knob} must be a non-empty list of layer indices, not {layers!r}")
+        check_layer_knobs(student_layers, teacher_layers)
         self.beta, self.loss, self.tokens, self.alpha, self.tau = beta, loss, tokens, alpha, tau
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         # set by setup

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitdistill.methods._features import StepRandom, grid_of, layer_pairs, require_vit, to_tokens
+from vitdistill.methods._features import check_layer_knobs, StepRandom, grid_of, layer_pairs, require_vit, to_tokens
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -100,9 +100,10 @@ class ManifoldDistillation(Method):
             raise ValueError(f"K (patches sampled for the random term) must be a positive integer, not {K}")
         if distillation not in ("hard", "soft"):
             raise ValueError(f"distillation must be 'hard' or 'soft', not {distillation!r}")
-        check_weights(kd_alpha, tau)
+        check_weights(kd_alpha, tau, "kd_alpha")
         self.alpha, self.beta, self.gamma, self.K, self.lambda_mf = alpha, beta, gamma, int(K), lambda_mf
         self.distillation, self.kd_alpha, self.tau = distillation, kd_alpha, tau
+        check_layer_knobs(student_layers, teacher_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.draws = StepRandom(seed)
         self.pairs: list[tuple[int, int]] = []
@@ -115,7 +116,9 @@ class ManifoldDistillation(Method):
             layer_pairs(self.name, student, teachers, None, None)  # the live-teacher check
             self.pairs = paper_layers(student.depth, teachers[0].depth)
         else:
-            self.pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers)
+            own = [s for s, _ in paper_layers(student.depth, teachers[0].depth)] if teachers else None
+            self.pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers,
+                                     default_student=own)
         self.pairs = [(s % student.depth, t % teachers[0].depth) for s, t in self.pairs]
         self.grid = grid_of(student.layer(self.pairs[0][0]), student.num_prefix_tokens)
         self.s_prefix, self.t_prefix = student.num_prefix_tokens, teachers[0].num_prefix_tokens

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import check_relation_heads, relation_heads as regroup, require_vit
+from vitdistill.methods._features import (check_layer_knobs, check_relation_heads, layer_pairs,
+                                          relation_heads as regroup, require_vit)
 from vitdistill.methods.base import METHODS, Method, Outputs, soft_kl
-from vitdistill.models.taps import ModelInfo, Tap, resolve_layer_map
+from vitdistill.models.taps import ModelInfo, Tap
 
 SERVES = ("a timm ViT student with a ViT teacher of the same patch grid (and the same head count, unless "
           "method.relation_heads is set)")
@@ -290,6 +291,7 @@ class MiniViT(Method):
         self.relation_heads = relation_heads
         self.share, self.kernel_size, self.tau = share, kernel_size, tau
         self.beta, self.gamma, self.ce_weight = beta, gamma, ce_weight
+        check_layer_knobs(student_layers, teacher_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.pairs: list[tuple[int, int]] = []
         self.heads = 0
@@ -309,7 +311,8 @@ class MiniViT(Method):
         if self.student_layers is None and self.teacher_layers is None:
             pairs = [(student.depth - 1, teacher.depth - 1)]
         else:
-            pairs = resolve_layer_map(student, teacher, self.student_layers, self.teacher_layers)
+            pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers,
+                                default_student=[student.depth - 1])
         pairs = [(s % student.depth, t % teacher.depth) for s, t in pairs]
         if not pairs:
             raise UserError("method 'minivit' needs at least one layer pair; leave student_layers/teacher_layers unset "

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import grid_of, layer_pairs, to_tokens
+from vitdistill.methods._features import check_layer_knobs, grid_of, layer_pairs, to_tokens
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads, soft_kl
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -109,6 +109,7 @@ class TaT(Method):
                 raise ValueError(f"{knob} must be a positive integer, not {value!r}")
         self.beta, self.alpha, self.tau, self.variant, self.query = beta, alpha, tau, variant, query
         self.patch_size, self.groups, self.anchor, self.anchor_weight = patch_size, groups, anchor, anchor_weight
+        check_layer_knobs(student_layers, teacher_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.gamma = nn.ModuleList()
         self.phi = nn.ModuleList()
@@ -121,7 +122,8 @@ class TaT(Method):
             layer_pairs(self.name, student, teachers, None, None)  # the one-line error without a live teacher
             pairs = [(student.depth - 1, teachers[0].depth - 1)]
         else:
-            pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers)
+            pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers,
+                                default_student=[student.depth - 1])
         teacher = teachers[0]
         self.pairs = [(s % student.depth, t % teacher.depth) for s, t in pairs]
         self.prefix = (student.num_prefix_tokens, teacher.num_prefix_tokens)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdistill.errors import UserError
-from vitdistill.methods._features import StepRandom, grid_of, layer_pairs, patch_tokens, projector, require_vit, to_tokens
+from vitdistill.methods._features import (check_layer_knobs, StepRandom, grid_of, layer_pairs, patch_tokens, projector,
+                                          require_vit, to_tokens)
 from vitdistill.methods.base import METHODS, Method, Outputs, check_weights, heads
 from vitdistill.models.taps import ModelInfo, Tap
 
@@ -100,6 +101,7 @@ class ViTKD(Method):
         check_weights(0.0, tau)
         self.alpha, self.beta, self.mask_ratio, self.shallow = alpha, beta, mask_ratio, int(shallow)
         self.logit, self.tau, self.gamma = logit, tau, gamma
+        check_layer_knobs(student_layers, teacher_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.draws = StepRandom(seed)
         self.pairs: list[tuple[int, int]] = []
@@ -122,7 +124,8 @@ class ViTKD(Method):
                 teacher.layer(i)
             self.pairs = [(i, i) for i in range(self.shallow)]
         else:
-            self.pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers)
+            self.pairs = layer_pairs(self.name, student, teachers, self.student_layers, self.teacher_layers,
+                                     default_student=list(range(self.shallow)))
             assert teacher is not None
         self.pairs = [(s % student.depth, t % teacher.depth) for s, t in self.pairs]
         self.deep = (student.depth - 1, teacher.depth - 1)

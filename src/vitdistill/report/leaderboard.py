@@ -32,14 +32,14 @@ from vitdistill.report import plots
 from vitdistill.report.tables import format_value, markdown_table
 
 CSV_COLUMNS = ["rank", "label", "role", "method", "student", "teacher", "n_seeds", "top1_mean", "top1_std",
-               "gain_pts", "gain_ci95_lo", "gain_ci95_hi", "agreement", "teacher_top1", "kept", "params", "flops",
+               "gain_pts", "gain_seeds", "gain_ci95_lo", "gain_ci95_hi", "agreement", "ece", "teacher_top1", "kept", "params", "flops",
                "latency_ms_b1", "throughput_img_s", "peak_mem_mb", "wall_s", "latency_band", "best_in_band"]
 PICTURES = [("accuracy_vs_latency.png", "Top-1 against latency at batch 1"),
             ("accuracy_vs_params.png", "Top-1 against parameters"),
             ("learning_curves.png", "Test top-1 per epoch")]
 _DISPLAY = [("best", "best"), ("rank", "#"), ("label", "cell"), ("method", "method"), ("student", "model"),
             ("top1_txt", "top-1 (%)"), ("n_seeds", "seeds"), ("gain_txt", "gain (pts)"),
-            ("gain_ci_txt", "gain 95% CI (pts)"), ("agreement", "agreement (%)"),
+            ("gain_ci_txt", "gain 95% CI (pts)"), ("agreement", "agreement (%)"), ("ece", "ECE (%)"),
             ("kept_txt", "kept (%)"), ("params", "params"), ("flops", "FLOPs"), ("latency_ms_b1", "latency b1 (ms)"),
             ("throughput_img_s", "img/s"), ("peak_mem_mb", "peak mem (MiB)"), ("wall_s", "train (s)"),
             ("latency_band", "latency band (ms)")]
@@ -106,15 +106,17 @@ def _run(run_dir: Path) -> dict | None:
     return summary
 
 
-def _grid(out: Path) -> tuple[list[str], set[int], str | None] | None:
-    """(cell labels, seeds, the folder it was run in) of the grid last run into ``out``, from its
-    ``compare.json``; None without one."""
+def _grid(out: Path) -> tuple[list[str], set[int], list[str]] | None:
+    """(cell labels, seeds, the folders it was run in: the last first, then any earlier one it was
+    copied from) of the grid last run into ``out``, from its ``compare.json``; None without one."""
     path = out / "compare.json"
     if not path.exists():
         return None
     try:
         saved = json.loads(path.read_text(errors="replace"))
-        return [str(c) for c in saved["cells"]], {int(s) for s in saved["seeds"]}, saved.get("out")
+        places = [saved.get("out"), *saved.get("was", [])]
+        return ([str(c) for c in saved["cells"]], {int(s) for s in saved["seeds"]},
+                [p for p in places if isinstance(p, str)])
     except (ValueError, TypeError, KeyError, AttributeError):
         raise UserError(f"'{path}' is damaged; delete it and rerun `vitdistill compare` with the grid's config, "
                         "which writes it again") from None
@@ -150,11 +152,12 @@ def collect(out: Path) -> tuple[dict[str, list[dict]], dict | None]:
         runs = [r for r in map(_run, picked) if r is not None]
         if runs:
             cells[label] = runs
-    if grid and grid[2] and Path(grid[2]) != out.resolve():  # a copied folder: its runs name the old teacher path
+    for was in (Path(p) for p in (grid[2] if grid else []) if Path(p) != out.resolve()):
+        # a copied folder: its runs name the grid's teacher by the path it had where they ran
         for r in (r for runs in cells.values() for r in runs):
-            r["_teacher_key"] = (r["_teacher_key"][0], _moved(r["_teacher_key"][1], Path(grid[2]), out))
+            r["_teacher_key"] = (r["_teacher_key"][0], _moved(r["_teacher_key"][1], was, out))
             for t in r.get("teachers") or []:
-                t["weights"] = _moved(t.get("weights"), Path(grid[2]), out)
+                t["weights"] = _moved(t.get("weights"), was, out)
     return cells, _run(out / "teacher")
 
 
@@ -171,6 +174,7 @@ def _cell_row(label: str, runs: list[dict]) -> dict:
            "teacher": runs[0].get("teacher"), "n_seeds": len(runs), "top1_mean": statistics.fmean(top1),
            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
            "agreement": _mean([r.get("agreement") for r in runs]),
+           "ece": _mean([r.get("student_ece") for r in runs]),
            "teacher_top1": _mean([r.get("teacher_top1") for r in runs]),
            "wall_s": _mean([r.get("wall_s") for r in runs]), "_key": runs[0]["_teacher_key"]}
     for key in _COST:
@@ -214,13 +218,18 @@ def _teacher_rows(cells: dict[str, list[dict]], trained: dict | None, out: Path)
     return rows
 
 
+def _paired_diffs(runs: list[dict], baseline: list[dict]) -> list[float]:
+    """Per-seed gains (points) over the baseline, on the seeds both finished."""
+    base = {r["_seed"]: float(r["student_top1"]) for r in baseline if r.get("_seed") is not None}
+    return [100 * (float(r["student_top1"]) - base[r["_seed"]]) for r in runs if r.get("_seed") in base]
+
+
 def paired_gain_ci(runs: list[dict], baseline: list[dict], level: float = 0.95) -> tuple[float, float] | None:
     """Student's t interval (points) of the mean per-seed gain over the baseline, on the seeds both
     finished; ``None`` with fewer than two such seeds (one seed says nothing about seed noise)."""
     from scipy.stats import t as student_t  # scipy comes with scikit-learn; imported only here
 
-    base = {r["_seed"]: float(r["student_top1"]) for r in baseline if r.get("_seed") is not None}
-    diffs = [100 * (float(r["student_top1"]) - base[r["_seed"]]) for r in runs if r.get("_seed") in base]
+    diffs = _paired_diffs(runs, baseline)
     if len(diffs) < 2:
         return None
     half = float(student_t.ppf(0.5 + level / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
@@ -248,14 +257,19 @@ def build_rows(out: Path) -> tuple[list[dict], dict[str, list[dict]], dict | Non
     baselines = [r for r in rows if r["method"] == "none"]
     for r in rows:
         ref = next((b for b in baselines if b["student"] == r["student"]), baselines[0] if baselines else None)
-        r["gain_pts"] = None if ref is None else 100 * (r["top1_mean"] - ref["top1_mean"])
+        # the gain and its interval on the same seeds: those both cells finished (all, once the grid is done);
+        # with none in common, the difference of the two means
+        diffs = [] if ref is None else _paired_diffs(cells[r["label"]], cells[ref["label"]])
+        r["gain_seeds"] = len(diffs) if ref is not None else None
+        r["gain_pts"] = None if ref is None else statistics.fmean(diffs) if diffs else \
+            100 * (r["top1_mean"] - ref["top1_mean"])
         ci = None if ref is None or ref is r else paired_gain_ci(cells[r["label"]], cells[ref["label"]])
         r["gain_ci95_lo"], r["gain_ci95_hi"] = ci if ci else (None, None)
         t1 = r["teacher_top1"] if r["teacher_top1"] is not None else main_teacher
         r["teacher_top1"] = t1
         r["kept"] = r["top1_mean"] / t1 if t1 else None
     for t in teachers:
-        t.update(gain_pts=None, gain_ci95_lo=None, gain_ci95_hi=None, agreement=None,
+        t.update(gain_pts=None, gain_seeds=None, gain_ci95_lo=None, gain_ci95_hi=None, agreement=None,
                  kept=1.0 if t["top1_mean"] else None)
     rows = sorted(rows + teachers, key=lambda r: -(r["top1_mean"] if r["top1_mean"] is not None else -1))
     best: dict[int, dict] = {}
@@ -277,6 +291,9 @@ def _display(r: dict) -> dict:
     d["top1_txt"] = (f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}" if r["top1_mean"] is not None
                      else "-")
     d["gain_txt"] = f"{r['gain_pts']:+.2f}" if r["gain_pts"] is not None else "-"
+    paired = r.get("gain_seeds")
+    if r["gain_pts"] is not None and paired is not None and paired < r["n_seeds"]:  # say it when not every seed
+        d["gain_txt"] += f" ({paired} paired)" if paired else " (unpaired)"
     lo, hi = r.get("gain_ci95_lo"), r.get("gain_ci95_hi")
     d["gain_ci_txt"] = f"[{lo:+.2f}, {hi:+.2f}]" if lo is not None else "-"
     d["kept_txt"] = f"{100 * r['kept']:.2f}" if r["kept"] is not None else "-"
@@ -293,8 +310,9 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-_NOTES = ("top-1: mean ± sample standard deviation over the cell's seeds. gain: points over the no-KD cell with "
-          "the same student (else the first no-KD cell). gain 95% CI: Student's t interval of the mean gain, paired "
+_NOTES = ("top-1: mean ± sample standard deviation over the cell's seeds. gain: mean points over the no-KD cell "
+          "with the same student (else the first no-KD cell), per seed, on the seeds both finished (\"2 paired\" when "
+          "fewer than the cell's own). gain 95% CI: Student's t interval of the mean gain, paired "
           "by seed (seeds both finished, at least two); an interval that holds 0 means the gain is within seed "
           "noise. kept: top-1 / the teacher's top-1. latency band: powers "
           "of two in ms; ★ marks the best top-1 of each band. Latency, throughput and memory are measured on the "
@@ -315,7 +333,7 @@ _SCRIPT = """window.addEventListener('load', function () {
 
 
 def _html(rows: list[dict], images: dict[str, bytes], title: str) -> str:
-    numeric = {"rank", "n_seeds", "top1_txt", "gain_txt", "gain_ci_txt", "agreement", "kept_txt", "params", "flops",
+    numeric = {"rank", "n_seeds", "top1_txt", "gain_txt", "gain_ci_txt", "agreement", "ece", "kept_txt", "params", "flops",
                "latency_ms_b1", "throughput_img_s", "peak_mem_mb", "wall_s"}
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _DISPLAY)
     body = []

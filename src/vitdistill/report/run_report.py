@@ -23,6 +23,8 @@ _SUMMARY_FIELDS = [
     ("student_top1", "Student top-1 (%)"),
     ("ema_decay", "Scored and saved: the EMA of the weights, decay"),
     ("live_top1", "Live (not averaged) student top-1 (%)"),
+    ("student_ece", "Student calibration error, ECE (%)"),
+    ("student_nll", "Student test NLL (nats)"),
     ("teacher_top1", "Teacher top-1 (%)"),
     ("top1_gap", "Top-1 gap to teacher (points)"),
     ("params", "Student parameters"),
@@ -41,13 +43,15 @@ _EPOCH_HEADERS = {
     "agreement": "Agreement (%)",
     "test_agreement": "Agreement (%)",
     "test_live_top1": "Live top-1 (%)",
+    "test_ece": "ECE (%)",
+    "test_nll": "NLL",
     "train_top1": "Train top-1 (%)",
     "epoch_s": "Epoch (s)",
     "lr": "LR",
     "img_s": "img/s",
 }
 _EPOCH_FIRST = ["epoch", "train_loss"]
-_EPOCH_LAST = ["test_top1", "test_top5", "agreement", "lr", "img_s"]
+_EPOCH_LAST = ["test_top1", "test_top5", "agreement", "test_ece", "test_nll", "lr", "img_s"]
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:

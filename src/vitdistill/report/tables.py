@@ -13,7 +13,7 @@ from typing import Any
 from vitdistill.report.profile import format_count
 
 MISSING = "-"
-_PERCENT_SUFFIXES = ("top1", "top5", "agreement")
+_PERCENT_SUFFIXES = ("top1", "top5", "agreement", "ece")
 
 
 def _scalar(value: Any) -> Any:
@@ -27,7 +27,7 @@ def format_value(key: str, value: Any) -> str:
     """Format one cell; ``key`` decides whether a number is a fraction to show as a percentage.
 
     Rows keep accuracies as fractions in 0..1 (what the engine computes); readers expect
-    ``93.41``, so keys ending in ``top1``, ``top5`` or ``agreement`` are shown x100 with 2 decimals.
+    ``93.41``, so keys ending in ``top1``, ``top5``, ``agreement`` or ``ece`` are shown x100 with 2 decimals.
     Numbers above 10,000 (parameters, FLOPs, img/s) get a unit; floats keep 2 decimals from 1 up,
     4 below 1, and 3 significant digits below 0.01, so a small loss or a learning rate of 5e-05 is
     not flattened to 0.00. Wall times (``*wall_s``) get one decimal.
