@@ -41,6 +41,7 @@ def _train(out: Path, *extra: str) -> list[str]:
     ("data.pad=-3", "'data.pad' must be a number >= 0"),
     ("data.test_limit=-5", "'data.test_limit' must be a number >= 1"),
     ("data.train_limit=0", "'data.train_limit' must be a number >= 1"),
+    ("train.min_lr=1", "train.min_lr 1 is above train.lr 0.001; the schedule decays from lr down to min_lr"),
     ("train.amp=fp16", "train.amp must be one of auto, bf16, off, not 'fp16' (did you mean 'bf16'?)"),
 ])
 def test_out_of_range_settings_are_refused_before_a_run_folder_exists(tmp_path: Path, setting: str, says: str) -> None:
@@ -212,7 +213,8 @@ def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:
            says="class 'c' has test images but no training images")
     not_tar = tmp_path / "nottar.tar"
     not_tar.write_bytes(os.urandom(3000))
-    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{not_tar}"), says="cannot read archive")
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{not_tar}"),
+           says=f"cannot read archive {not_tar}: not a tar or tar.gz archive; re-create or re-download it")
     import tarfile
 
     whole = tmp_path / "whole.tar"
@@ -422,3 +424,49 @@ def test_an_empty_layer_list_is_one_line(teacher_run: Path, vit_teacher_run: Pat
            "--set", "method.student_layers=[]", says=f"bad knob for method '{method}': student_layers must be a non-empty "
            "list of layer indices, not []")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_that_refuses_files_is_one_line(tmp_path: Path) -> None:
+    # /proc/self exists and is a folder, but takes no new file (as a read-only folder would, for a
+    # user other than root): the run says so before training, not with a traceback at the first write
+    _fails(*_train(Path("/proc/self")), says="cannot write into --out '/proc/self'")
+
+
+def test_an_empty_out_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _fails("train", "--model", "vit_femto_patch4_16", "--epochs", "1", *TINY, "--out", "", says="--out is empty")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_of_a_finished_run_leaves_it_alone(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_cli_here(*_train(out)) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run_cli_fast(*_train(out, "--resume"))
+    assert r.returncode == 0 and "is finished (summary.json); nothing to resume" in r.stdout
+    printed, saved = json.loads(r.stdout.strip().splitlines()[-1]), json.loads((out / "summary.json").read_text())
+    assert printed["student_top1"] == saved["student_top1"] and printed["wall_s"] == saved["wall_s"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_method_none_says_the_teacher_is_not_used(teacher_run: Path, tmp_path: Path) -> None:
+    r = run_cli_fast("distill", "--method", "none", "--student", "vit_femto_patch4_16", "--teacher", "resnet_micro_cnn",
+                     "--teacher-weights", str(teacher_run), "--epochs", "1", *TINY, "--out", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stderr
+    assert "note: method 'none' learns from the labels only; the teacher given is not used" in r.stderr
+
+
+def test_a_model_too_large_for_memory_names_the_image_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the real case (profile --img-size 100000) asks the allocator for 160 GB; a machine that
+    # overcommits might grant it, so the allocator's refusal is played here
+    from vitdistill.errors import UserError
+    from vitdistill.models import factory
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 160000000256 bytes.")
+
+    monkeypatch.setattr(factory, "_timm_create", refuse)
+    with pytest.raises(UserError, match=r"not enough memory to build 'vit_femto_patch4_16' for 100000-px images"):
+        factory.create_model("vit_femto_patch4_16", 10, 100000)

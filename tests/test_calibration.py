@@ -60,3 +60,14 @@ def test_runs_and_eval_report_calibration(teacher_run: Path) -> None:
     # eval scores the run's own test subset with the run's final weights: the same figures
     assert out["ece"] == pytest.approx(summary["student_ece"], abs=1e-6)
     assert out["nll"] == pytest.approx(summary["student_nll"], rel=1e-5)
+
+
+def test_top1_is_argmax_on_tied_logits() -> None:
+    """int8 logits tie often; top-1 and agreement are what an argmax over the file gives."""
+    from vitdistill.engine.evaluate import accuracy
+
+    logits = torch.tensor([[2.0, 2.0, 0.0], [0.0, 1.0, 1.0], [3.0, 0.0, 3.0]])
+    labels = torch.tensor([0, 1, 0])
+    got = accuracy(logits, labels, teacher_pred=logits.argmax(1))
+    assert got["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert got["top1"] == 1.0 and got["agreement"] == 1.0

@@ -156,8 +156,10 @@ def test_imagefolder_heldout_split(tmp_path: Path) -> None:
 def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
     folder = _make_folder(tmp_path / "bad")
     (folder / "train" / "cat" / "0007.jpg").write_bytes(b"this is not a jpeg at all" * 4)
-    with pytest.raises(UserError, match=r"corrupt or truncated image 'train/cat/0007\.jpg' in .*bad.*remove or replace"):
+    with pytest.raises(UserError, match=r"corrupt or truncated image 'train/cat/0007\.jpg' in .*bad.*remove or replace"
+                       ) as caught:
         load_data(f"imagefolder:{folder}", cache_dir=tmp_path / "c")
+    assert "object at 0x" not in str(caught.value)  # PIL's name for its in-memory buffer is left out
     archive = _make_tar(folder, tmp_path / "bad.tar.gz", arcroot="bad")
     with pytest.raises(UserError, match=r"'bad/train/cat/0007\.jpg' in .*bad\.tar\.gz"):
         load_data(f"imagefolder:{archive}", cache_dir=tmp_path / "c")

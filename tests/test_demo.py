@@ -4,14 +4,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from conftest import run_cli
 
 
 def test_demo_trains_three_runs_and_reports_them(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = run_cli("demo", "--out", str(out), "--seed", "0", "--scale", "0.03")  # one epoch per run
+    r = run_cli("demo", "--out", str(out), "--seed", "0", "--scale", "0.03", "--threads", "1")  # one epoch per run
     assert r.returncode == 0, r.stderr
     demo = json.loads((out / "demo.json").read_text())
+    assert demo["threads"] == 1
+    assert all(yaml.safe_load((out / d / "config.yaml").read_text())["train"]["threads"] == 1
+               for d in ("teacher", "student-none", "student-deit-hard"))
     assert [(row["role"], row["method"]) for row in demo["rows"]] == [
         ("teacher", "none"), ("baseline", "none"), ("distilled", "deit-hard")]
     assert [row["model"] for row in demo["rows"]] == [
@@ -29,3 +34,9 @@ def test_demo_trains_three_runs_and_reports_them(tmp_path: Path) -> None:
     again = run_cli("demo", "--out", str(out), "--scale", "0.03")
     assert again.returncode == 2 and "already holds a demo" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+
+
+def test_demo_threads_below_one_is_one_line(tmp_path: Path) -> None:
+    r = run_cli("demo", "--out", str(tmp_path / "d"), "--threads", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --threads 0: give at least 1"
+    assert not (tmp_path / "d").exists()

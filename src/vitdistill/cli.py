@@ -170,8 +170,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--scale {args.scale}: give a positive number (1 is the demo, tests use 0.1)")
     from vitdistill.engine.io import check_folder
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give at least 1")
     check_folder(args.out)
-    run_demo(Path(args.out), seed=args.seed, epochs_scale=args.scale)
+    run_demo(Path(args.out), seed=args.seed, epochs_scale=args.scale, threads=args.threads)
     return 0
 
 
@@ -332,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="teacher, no-KD student and deit-hard student on the embedded digits set")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="folder of the three runs, demo.json and demo.md")
+    p.add_argument("--seed", type=int, default=0, help="seed of all three runs (default 0)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of every run (default: one per core); a run's "
+                   "figures move a little with the thread count")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every epoch count (tests use < 1)")
     p.set_defaults(func=cmd_demo)
 

@@ -178,7 +178,22 @@ def _fill(obj: Any, values: dict, prefix: str) -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``; people write both)."""
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``; people write both),
+    and refuses a key given twice in one mapping (YAML keeps the last silently, so a second
+    ``train:`` section would drop the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -271,6 +286,9 @@ def check_ranges(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value is not None and not ok(value):
             raise UserError(f"config key '{section}.{key}' must be {what}, got {value!r}; fix it in the config or --set")
+    if cfg.train.min_lr > cfg.train.lr:  # the cosine would climb from lr up to min_lr
+        raise UserError(f"train.min_lr {cfg.train.min_lr:g} is above train.lr {cfg.train.lr:g}; the schedule decays "
+                        "from lr down to min_lr, so set min_lr at most lr (e.g. --set train.min_lr=0)")
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:

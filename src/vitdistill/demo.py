@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from vitdistill.config import build_config
 from vitdistill.engine import io
 from vitdistill.engine.run import run
@@ -49,9 +51,10 @@ def demo_configs(out: Path, seed: int, scale: float = 1.0) -> dict[str, tuple[st
     }
 
 
-def run_demo(out: Path, seed: int = 0, epochs_scale: float = 1.0) -> list[dict]:
+def run_demo(out: Path, seed: int = 0, epochs_scale: float = 1.0, threads: int | None = None) -> list[dict]:
     """Train the teacher and both students of :func:`demo_configs` under ``out``, print the table and
-    the gain, and write ``demo.json`` and ``demo.md``; returns the three table rows."""
+    the gain, and write ``demo.json`` and ``demo.md``; returns the three table rows. ``threads``:
+    torch's CPU threads for all three runs (None: torch's default, one per core)."""
     if (out / "demo.json").exists() or any((out / d / "checkpoint.pt").exists()
                                           for d in ("teacher", "student-none", "student-deit-hard")):
         raise UserError(f"'{out}' already holds a demo; remove it or pass --out to a new folder")
@@ -59,7 +62,7 @@ def run_demo(out: Path, seed: int = 0, epochs_scale: float = 1.0) -> list[dict]:
     rows = []
     for role, (mode, layer) in demo_configs(out, seed, epochs_scale).items():
         print(f"== {role}: {mode} {layer['model']['student']}", flush=True)
-        summary = run(build_config([layer, {"train": {"progress": False}}]), mode)
+        summary = run(build_config([layer, {"train": {"progress": False, "threads": threads}}]), mode)
         rows.append({"role": role, "model": summary["student"], "method": summary["method"],
                      "top1": summary["student_top1"], "params": summary["params"], "flops": summary["flops"],
                      "latency_ms_b1": summary["latency_ms_b1"], "wall_s": summary["wall_s"]})
@@ -73,7 +76,8 @@ def run_demo(out: Path, seed: int = 0, epochs_scale: float = 1.0) -> list[dict]:
     resolution = (f"Top-1 on {n_test} test digits, so one image is {100 / n_test:.2f} points; docs/results.md "
                   "has the gain over several seeds.")
     print(resolution)
-    io.write_json(out / "demo.json", {"seed": seed, "rows": rows, "wall_s": round(wall, 1)})
+    io.write_json(out / "demo.json", {"seed": seed, "threads": threads or torch.get_num_threads(), "rows": rows,
+                                      "wall_s": round(wall, 1)})
     io.write_text(out / "demo.md", f"# vitdistill demo (seed {seed})\n\n{markdown_table(rows, COLUMNS)}\n\n"
                   f"Distilled minus baseline: {gain * 100:+.2f} points top-1. Wall time {wall:.0f} s.\n\n"
                   f"{resolution}\n")

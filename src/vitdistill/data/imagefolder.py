@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -107,7 +108,10 @@ def read_archive(path: Path) -> Listing:
                     entries.append(Entry(parts, f.read(), "/".join(parts)))
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # tarfile's messages can run to several lines
+        # tarfile's messages run to several lines ("file could not be opened successfully:\n- method gz: ...")
+        why = " ".join(str(e).split()).rstrip(":") or type(e).__name__
+        if isinstance(e, tarfile.ReadError) and "could not be opened" in why:
+            why = "not a tar or tar.gz archive"
         raise UserError(f"cannot read archive {path}: {why}; re-create or re-download it") from None
     _check_tar_end(path, size)
     return Listing(entries, folders)
@@ -205,8 +209,10 @@ def decode_split(
         try:
             arr = decode_image(data, img_size)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            # PIL names the in-memory buffer it read ("<_io.BytesIO object at 0x...>"): the file is named already
+            why = re.sub(r"\s*<[^>]* object at 0x[0-9a-f]+>", "", str(err)).strip() or type(err).__name__
             raise UserError(
-                f"corrupt or truncated image '{e.name}' in {where}: {err}; remove or replace it") from err
+                f"corrupt or truncated image '{e.name}' in {where}: {why}; remove or replace it") from err
         sizes.setdefault((arr.shape[1], arr.shape[0]), e.name)
         arrays.append(arr)
         labels.append(class_index[e.parts[0]])

@@ -24,13 +24,16 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, teacher_pred: torch.Ten
     """top1 / top5 as fractions; ``agreement``: share of samples where student and teacher agree."""
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
+    # top-1 is argmax, what a deployed model's caller takes: topk orders exact ties (common in int8
+    # logits) its own way, so its first column could score a prediction no caller makes
+    pred = logits.argmax(dim=1)
     labels = labels.to(topk.device)
     out = {
-        "top1": (topk[:, 0] == labels).float().mean().item(),
+        "top1": (pred == labels).float().mean().item(),
         "top5": (topk == labels[:, None]).any(dim=1).float().mean().item(),
     }
     if teacher_pred is not None:
-        out["agreement"] = (topk[:, 0] == teacher_pred).float().mean().item()
+        out["agreement"] = (pred == teacher_pred.to(pred.device)).float().mean().item()
     return out
 
 

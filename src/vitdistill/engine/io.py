@@ -43,6 +43,13 @@ def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
+    try:  # a folder that exists may still refuse files (read-only, /proc, /sys): say so before any work
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".vitdistill-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        remove_folders(created)
+        raise UserError(f"cannot write into {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
     return created
 
 
@@ -58,8 +65,11 @@ def remove_folders(created: list[Path]) -> None:
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temp on failure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # nothing written yet: the folder refuses new files
+        raise UserError(f"cannot write '{path}': {err.strerror or err}; choose another folder") from None
     os.close(fd)
     try:
         write(tmp)

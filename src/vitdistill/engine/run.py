@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def run(cfg: Config, mode: str, resume: bool = False) -> dict:
 
 
 def _run(cfg: Config, mode: str, resume: bool) -> dict:
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise UserError("--out is empty; name the run folder, or leave --out out for runs/<mode>-<method>-<model>")
     out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
     io.check_folder(out)
     ckpt_path = out / "checkpoint.pt"
@@ -135,6 +138,9 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
 
     augment = augment_for(cfg, data)  # checks the augmentation knobs before anything is written
     method, student, spec = method_and_student(cfg, mode, data)
+    if not method.needs_teacher and (cfg.model.teacher or cfg.cache.dir) and dist.is_main():
+        print(f"note: method '{method.name}' learns from the labels only; the teacher given is not used",
+              file=sys.stderr, flush=True)
     side = teacher_side(cfg, data, method, device) if method.needs_teacher else None
     taps = setup_method(method, student, cfg.model.student, side, data)
 
@@ -164,6 +170,13 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, metrics, wall_before = state["epoch"], list(state["metrics"]), state["wall_s"]
+        if finished and start_epoch >= cfg.train.epochs:  # nothing to train: leave its files as they are
+            if dist.is_main():
+                print(f"'{out}' is finished (summary.json); nothing to resume", flush=True)
+            try:
+                return json.loads((out / "summary.json").read_text())
+            except (OSError, ValueError):
+                raise UserError(f"'{out / 'summary.json'}' is damaged; delete '{out}' to train the run again") from None
     ema = make_ema(student, cfg.train)
     if ema is not None and resume and exists:
         if "ema" not in state:

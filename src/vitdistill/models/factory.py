@@ -115,6 +115,10 @@ def create_model(
             ) from None
         # timm's own checks of the sizes (a negative depth, a patch that does not divide the image)
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, MemoryError) or "can't allocate memory" in why:  # the size, not the kwargs
+            raise UserError(f"not enough memory to build '{name}' for {kwargs.get('img_size')}-px images (its "
+                            "position embedding grows with the image); use smaller images (data.img_size, or "
+                            "profile's --img-size)") from None
         raise UserError(f"cannot build '{name}' with {overrides or {}}: {why}; fix model.*_kwargs") from None
     _check_patch_fits(model, name, kwargs.get("img_size"))
     if spec["small_stem"]:
