@@ -398,3 +398,15 @@ def test_student_file_is_rebuilt_by_timm_alone(tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x), rtol=0, atol=0)
     assert rebuilt(x).shape == (4, 10)
+
+
+def test_patches_that_do_not_divide_the_image_are_noted_once(capsys: pytest.CaptureFixture) -> None:
+    from vitdistill.models import factory
+
+    factory._NOTED_CROPS.discard(("vit_femto_patch4_16", 18, 4))
+    create_model("vit_femto_patch4_16", 10, 18)
+    create_model("vit_femto_patch4_16", 10, 18)
+    create_model("vit_femto_patch4_16", 10, 16)
+    err = capsys.readouterr().err
+    assert err.count("note: 'vit_femto_patch4_16' cuts 18-px images into 4-px patches, so the last 2 px") == 1
+    assert err.count("note:") == 1

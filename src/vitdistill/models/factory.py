@@ -5,6 +5,7 @@ is rebuilt by ``timm.create_model(spec["name"], **spec["kwargs"])`` with no vitd
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,15 @@ def _check_patch_fits(model: torch.nn.Module, name: str, img_size: int | None) -
     if img_size < side:
         raise UserError(f"'{name}' cuts {side}-px patches but the images are {img_size} px; use images of at "
                         f"least {side} px (data.img_size; for profile, --img-size), or a model with smaller patches")
+    rest = img_size % side
+    if rest and (name, img_size, side) not in _NOTED_CROPS:  # once per process: a run builds its model often
+        _NOTED_CROPS.add((name, img_size, side))
+        print(f"note: '{name}' cuts {img_size}-px images into {side}-px patches, so the last {rest} px of each row "
+              f"and column are never seen; a patch size that divides {img_size} uses the whole image",
+              file=sys.stderr, flush=True)
+
+
+_NOTED_CROPS: set[tuple[str, int, int]] = set()
 
 
 def _resolution_overlay(kwargs: dict[str, Any]) -> dict[str, Any]:
