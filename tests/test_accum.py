@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import distill_args, run_cli_fast, run_cli_here
+from conftest import TINY, distill_args, run_cli_fast, run_cli_here
 from test_distributed import _deit, _rows, torchrun
 
 
@@ -62,3 +62,12 @@ def test_accum_steps_out_of_range_is_one_line(teacher_run: Path, tmp_path: Path,
                      "--out", str(out), "--set", f"train.accum_steps={value}")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {says}"
     assert not out.exists()
+
+
+def test_a_run_resumes_with_more_micro_batches(tmp_path: Path) -> None:
+    # the memory knob may change on --resume: a run out of memory continues with a smaller micro-batch
+    out = tmp_path / "run"
+    args = ["train", "--model", "vit_femto_patch4_16", "--epochs", "2", *TINY, "--out", str(out)]
+    assert run_cli_here(*args, "--set", "train.stop_after=1") == 0
+    assert run_cli_here(*args, "--resume", "--set", "train.accum_steps=4") == 0
+    assert len(_rows(out)) == 2 and (out / "summary.json").exists()

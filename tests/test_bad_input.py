@@ -61,7 +61,7 @@ def test_runs_the_machine_or_model_cannot_do_are_refused_before_a_run_folder(tmp
 
 
 def test_an_out_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
-    _fails(*_train(Path("/proc/vitdistill-test")), says="cannot create --out '/proc/vitdistill-test'")
+    _fails(*_train(Path("/proc/vitdistill-test")), says="cannot write into --out '/proc/vitdistill-test'")
     _fails("profile", "--model", "vit_femto_patch4_16", "--img-size", "2", says="--img-size")
 
 
@@ -431,12 +431,17 @@ def test_an_out_that_refuses_files_is_one_line(tmp_path: Path) -> None:
     # /proc/self exists and is a folder, but takes no new file (as a read-only folder would, for a
     # user other than root): the run says so before training, not with a traceback at the first write
     _fails(*_train(Path("/proc/self")), says="cannot write into --out '/proc/self'")
+    _fails("synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights", "x.safetensors",
+           "--out", "/proc/self/x", says="cannot write into --out '/proc/self/x'")
 
 
 def test_an_empty_out_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _fails("train", "--model", "vit_femto_patch4_16", "--epochs", "1", *TINY, "--out", "", says="--out is empty")
-    assert not (tmp_path / "runs").exists()
+    _fails("demo", "--out", " ", "--scale", "0.03", says="--out is empty")
+    (tmp_path / "grid.yaml").write_text("compare: {cells: [{method: none}]}\n")
+    _fails("compare", "--config", str(tmp_path / "grid.yaml"), "--out", "", says="--out is empty")
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["grid.yaml"]
 
 
 def test_resume_of_a_finished_run_leaves_it_alone(tmp_path: Path) -> None:

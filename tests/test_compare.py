@@ -77,7 +77,9 @@ def test_leaderboard_matches_the_runs(grid: Path) -> None:
         rows = {r["label"]: r for r in reader}
     assert set(rows) == {*CELLS, "teacher"} and rows["teacher"]["role"] == "teacher"
     teacher_top1 = json.loads((grid / "teacher" / "summary.json").read_text())["student_top1"]
+    teacher_ece = json.loads((grid / "teacher" / "summary.json").read_text())["student_ece"]
     assert float(rows["teacher"]["top1_mean"]) == pytest.approx(teacher_top1)
+    assert float(rows["teacher"]["ece"]) == pytest.approx(teacher_ece)  # the teacher trained here: its own
     base = statistics.fmean(s["student_top1"] for s in _summaries(grid, "none"))
     for label in CELLS:
         runs = _summaries(grid, label)
@@ -90,6 +92,7 @@ def test_leaderboard_matches_the_runs(grid: Path) -> None:
         assert float(row["kept"]) == pytest.approx(statistics.fmean(top1) / teacher_top1, abs=1e-6)
         assert int(row["params"]) == runs[0]["params"]
         assert float(row["wall_s"]) == pytest.approx(statistics.fmean(s["wall_s"] for s in runs), abs=1e-6)
+        assert float(row["ece"]) == pytest.approx(statistics.fmean(s["student_ece"] for s in runs), abs=1e-8)
     assert rows["none"]["agreement"] == "" and 0 <= float(rows["deit-hard"]["agreement"]) <= 1
     # both logit-only cells replayed the one cache of their seed
     caches = {json.loads((grid / "cells" / c / "seed0" / "summary.json").read_text())["teacher_cache"]

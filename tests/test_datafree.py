@@ -365,7 +365,11 @@ def test_several_folders_pool_their_images(digits_teacher: Path, tmp_path: Path)
 
     assert run_cli_fast(*base, "--out", str(same)).returncode == 0
     assert run_cli_fast(*base, "--out", str(small), "--seed", "2", "--set", "data.img_size=12").returncode == 0
-    for spec, says in ((f"{a},{same}", "same settings and seed"), (f"{a},{small}", "made for different data"),
+    # the digits' own 16 px, given or not, is one size
+    native = tmp_path / "native"
+    assert run_cli_fast(*base, "--out", str(native), "--seed", "3", "--set", "data.img_size=16").returncode == 0
+    assert len(load_data(f"synthetic:{a},{native}").train) == 80
+    for spec, says in ((f"{a},{same}", "same settings and seed"), (f"{a},{small}", "pool only sets made at the same size"),
                        (f"{a},{a}", "names a folder twice"), (f"{a},", "empty folder name"),
                        (f"{a},{tmp_path / 'none'}", "does not exist")):
         r = run_cli_fast("train", "--data", f"synthetic:{spec}", "--model", "vit_femto_patch4_16", "--threads", "1",

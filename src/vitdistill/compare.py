@@ -494,6 +494,8 @@ def compare_cli(args: Any) -> int:
                 section = _merge(section or {}, extra) if isinstance(extra, dict) else extra
     elif not (args.report_only and args.out):
         raise UserError("compare needs --config FILE, a run config with a 'compare:' section (docs/compare.md)")
+    if args.out is not None and not str(args.out).strip():
+        raise UserError("--out is empty; name the grid's folder, or leave --out out for runs/compare-<config>")
     out_key = [layer.pop("out", None) for layer in [raw, *sets]]
     out = Path(args.out or next((o for o in reversed(out_key) if o), None) or f"runs/compare-{Path(args.config).stem}")
     if args.report_only:

@@ -63,8 +63,12 @@ def load_synthetic(
         images.append(x)
         labels.append(y)
     first, meta = paths[0], metas[0]
+    for path, x in zip(paths[1:], images[1:]):  # the sizes they were made at (unset in the metadata: native)
+        if x.shape[-2:] != images[0].shape[-2:]:
+            raise UserError(f"'{path}' holds {x.shape[-1]}-px images and '{first}' {images[0].shape[-1]}-px ones; "
+                            "pool only sets made at the same size (synthesize --set data.img_size=N)")
     for path, other in zip(paths[1:], metas[1:]):
-        for key in ("test_data", "img_size", "classes", "pad", "hflip"):
+        for key in ("test_data", "classes", "pad", "hflip"):
             if other.get(key) != meta.get(key):
                 raise UserError(f"'{path}' and '{first}' were made for different data ({key} "
                                 f"{other.get(key)!r} against {meta.get(key)!r}); pool only sets made with the same "

@@ -24,13 +24,26 @@ def file_mode() -> int:
 
 
 def check_folder(path: str | Path, flag: str = "--out") -> None:
-    """One-line error when ``path``, or the nearest folder above it that exists, is not a folder."""
+    """One-line error when ``path`` is empty, or the nearest folder above it that exists is not a
+    folder or takes no new file (read-only, /proc, /sys): before any work, not at the first write."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty; name a folder")
     path = Path(path)
     for part in (path, *path.parents):
         if part.exists():
             if not part.is_dir():
                 raise UserError(f"{flag} '{path}': '{part}' is a file, not a folder; choose another {flag}")
+            _probe(part, path, flag)
             return
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".vitdistill-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write into {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
 
 
 def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:
@@ -44,12 +57,10 @@ def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:
     except OSError as err:
         raise UserError(f"cannot create {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
     try:  # a folder that exists may still refuse files (read-only, /proc, /sys): say so before any work
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".vitdistill-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
+        _probe(path, path, flag)
+    except UserError:
         remove_folders(created)
-        raise UserError(f"cannot write into {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
+        raise
     return created
 
 

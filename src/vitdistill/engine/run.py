@@ -33,8 +33,10 @@ from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
 # Keys that may change between a run and its resume without changing its result.
+# train.accum_steps is among them: a run out of memory resumes with more micro-batches, which change
+# only rounding, BatchNorm statistics and batch-relating losses (docs/usage.md)
 _RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("train", "stop_after"), ("out",),
-                ("synth",)}
+                ("synth",), ("train", "accum_steps")}
 
 
 def _method_resolved(section: object) -> object:
@@ -171,12 +173,13 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, metrics, wall_before = state["epoch"], list(state["metrics"]), state["wall_s"]
         if finished and start_epoch >= cfg.train.epochs:  # nothing to train: leave its files as they are
-            if dist.is_main():
-                print(f"'{out}' is finished (summary.json); nothing to resume", flush=True)
             try:
-                return json.loads((out / "summary.json").read_text())
+                done = json.loads((out / "summary.json").read_text())
             except (OSError, ValueError):
                 raise UserError(f"'{out / 'summary.json'}' is damaged; delete '{out}' to train the run again") from None
+            if dist.is_main():
+                print(f"'{out}' is finished (summary.json); nothing to resume", flush=True)
+            return done
     ema = make_ema(student, cfg.train)
     if ema is not None and resume and exists:
         if "ema" not in state:

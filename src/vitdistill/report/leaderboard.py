@@ -191,7 +191,8 @@ def _teacher_rows(cells: dict[str, list[dict]], trained: dict | None, out: Path)
         main_key = (trained.get("student"), str((out / "teacher").resolve()))
         rows.append({"label": "teacher", "role": "teacher", "method": "-", "student": trained.get("student"),
                      "n_seeds": 1, "top1_mean": trained.get("student_top1"), "top1_std": 0.0,
-                     "teacher_top1": trained.get("student_top1"), "wall_s": trained.get("wall_s"), "_key": main_key,
+                     "teacher_top1": trained.get("student_top1"), "ece": trained.get("student_ece"),
+                     "wall_s": trained.get("wall_s"), "_key": main_key,
                      **{k: trained.get(k) for k in _COST}})
     # (model, weights) -> that teacher's figures in each run it taught; a run with several teachers
     # (Co-advise) lists each in summary["teachers"] and adds to each one's row
