@@ -440,13 +440,14 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
 def _former_places(out: Path) -> list[str]:
     """Where the grid in ``out`` was run before, when the folder was copied or moved since: its
     runs name the grid's teacher by those paths, and the leaderboard maps them to ``out``."""
+    from vitdistill.report.leaderboard import _grid
+
     try:
-        saved = json.loads((out / "compare.json").read_text())
-        places = [saved.get("out"), *saved.get("was", [])]
-    except (OSError, ValueError, AttributeError, TypeError):
+        grid = _grid(out)
+    except UserError:  # damaged: the rerun writes it again, knowing only where it is now
         return []
     here = str(out.resolve())
-    return list(dict.fromkeys(p for p in places if isinstance(p, str) and p != here))
+    return list(dict.fromkeys(p for p in (grid[2] if grid else []) if p != here))
 
 
 def print_plan(teacher: Job | None, caches: list[Job], runs: list[Job], spec: Spec, out: Path,

@@ -48,7 +48,8 @@ def _probe(folder: Path, path: Path, flag: str) -> None:
 
 def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:
     """``mkdir -p path`` with a one-line error when it cannot be made (no permission, a read-only or
-    special file system); returns the folders it created, deepest last, so a caller that fails
+    special file system; every caller has run :func:`check_folder`, which probes for a folder that
+    takes no file); returns the folders it created, deepest last, so a caller that fails
     later can take them away again (:func:`remove_folders`)."""
     path = Path(path)
     created = [p for p in (path, *path.parents) if not p.exists()][::-1]
@@ -56,11 +57,6 @@ def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
-    try:  # a folder that exists may still refuse files (read-only, /proc, /sys): say so before any work
-        _probe(path, path, flag)
-    except UserError:
-        remove_folders(created)
-        raise
     return created
 
 
