@@ -430,7 +430,8 @@ def test_an_empty_layer_list_is_one_line(teacher_run: Path, vit_teacher_run: Pat
 def test_an_out_that_refuses_files_is_one_line(tmp_path: Path) -> None:
     # /proc/self exists and is a folder, but takes no new file (as a read-only folder would, for a
     # user other than root): the run says so before training, not with a traceback at the first write
-    _fails(*_train(Path("/proc/self")), says="cannot write into --out '/proc/self'")
+    _fails(*_train(Path("/proc/self")), says="cannot write into --out '/proc/self': it takes no new file (a special "
+           "file system such as /proc or /sys)")
     _fails("synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights", "x.safetensors",
            "--out", "/proc/self/x", says="cannot write into --out '/proc/self/x'")
 

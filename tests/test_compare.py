@@ -160,6 +160,43 @@ def test_leaderboard_holds_only_the_grids_cells_and_seeds(grid: Path, tmp_path: 
         (out / path).write_text(good)
 
 
+def test_a_half_done_grid_copied_elsewhere_resumes_there(tmp_path: Path) -> None:
+    """A grid stopped mid-way, then copied: its distilling run resumes in the copy (its config named
+    the old teacher and cache paths), the caches are reused under their first names, nothing notes
+    a changed config, and the finished run equals one that never moved."""
+    (tmp_path / "grid.yaml").write_text(
+        "data: {source: digits, train_limit: 192, test_limit: 96}\n"
+        "train: {epochs: 2, batch_size: 64, threads: 1, progress: false, warmup_epochs: 0.5}\n"
+        "compare:\n  seeds: [0]\n  teacher: {model: resnet_micro_cnn, epochs: 1}\n  teacher_cache: true\n"
+        "  cells: [{method: logit-kd, student: vit_femto_patch4_16}]\n")
+    first, copy = tmp_path / "first", tmp_path / "elsewhere" / "copy"
+    args = ["compare", "--config", str(tmp_path / "grid.yaml")]
+    r = run_cli_fast(*args, "--out", str(first), "--set", "train.stop_after=1")
+    assert r.returncode == 0, r.stderr
+    run = Path("cells/logit-kd/seed0")
+    assert (first / run / "checkpoint.pt").exists() and not (first / run / "summary.json").exists()
+    caches = sorted(p.relative_to(first) for p in (first / "caches").glob("*/seed0"))
+    shutil.copytree(first, copy)
+    r = run_cli_fast(*args, "--out", str(copy))
+    assert r.returncode == 0, r.stderr
+    assert "start logit-kd seed 0: distill vit_femto_patch4_16 (resume)" in r.stdout, r.stdout
+    assert "cache: skip" in r.stdout and "note:" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert sorted(p.relative_to(copy) for p in (copy / "caches").glob("*/seed0")) == caches  # none written anew
+    saved = (copy / run / "config.yaml").read_text()
+    assert str(copy.resolve() / "teacher") in saved and str(first.resolve()) not in saved
+    # the same grid finished where it began: the same metrics, epoch for epoch
+    r = run_cli_fast(*args, "--out", str(first))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in (first / run / "metrics.jsonl").read_text().splitlines()]
+    moved = [json.loads(line) for line in (copy / run / "metrics.jsonl").read_text().splitlines()]
+    drop = ("epoch_s", "img_s", "wall_s")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in moved] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in lines] and len(lines) == 2
+    # and the copy, run again, is done and says nothing changed
+    r = run_cli_fast(*args, "--out", str(copy), "--dry-run")
+    assert r.returncode == 0 and r.stdout.count("[done]") == 2 and "note:" not in r.stdout, r.stdout
+
+
 def test_html_renders_in_headless_chromium(grid: Path, tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:

@@ -124,6 +124,14 @@ def test_scientific_notation_is_a_float(tmp_path):
     assert build_config([load_yaml(write(tmp_path, "train:\n  min_lr: 5e-6\n"))]).train.min_lr == 5e-6
 
 
+def test_an_unset_min_lr_follows_a_small_lr_and_a_set_one_is_kept():
+    # the default floor (1e-5) sits above --lr 1e-6: it follows lr down instead of failing
+    assert build_config([{"train": {"lr": 1e-6}}]).train.min_lr == pytest.approx(1e-8)
+    assert build_config([{"train": {"lr": 1e-3}}]).train.min_lr == 1e-5  # the default where it fits
+    with pytest.raises(UserError, match="above train.lr"):  # one the user set is theirs: still an error
+        build_config([{"train": {"lr": 1e-6}}, {"train": {"min_lr": 1e-5}}])
+
+
 # ---------------------------------------------------------------- unknown keys and types
 
 

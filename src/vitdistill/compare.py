@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -156,6 +157,7 @@ class Job:
     caches: tuple[Path, ...] = ()  # the caches this run replays, one per teacher
     needs_teacher_run: bool = False  # waits for OUT/teacher to finish
     waits_for: frozenset[Path] = frozenset()  # of ``caches``, those another shard writes (this one waits)
+    moved: dict[str, str] = dataclasses.field(default_factory=dict)  # a copied grid: former place -> here
 
 
 def _status(run_dir: Path) -> str:
@@ -187,6 +189,10 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
     from vitdistill.methods import METHODS, build_method
 
     out = out.resolve()
+    # a grid copied or moved since it ran: its runs name the teacher and the caches by the old place,
+    # and cache folders keep the names hashed there (the first place), so the copy reuses them
+    former = _former_places(out)
+    moved, home = {p: str(out) for p in former}, Path(former[-1]) if former else out
     teacher_job, teacher_ref = None, {}
     if spec.teacher:
         t = spec.teacher
@@ -234,7 +240,7 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                 m = cfg.model
                 job_caches = []
                 for name, path in teacher_names(cfg):
-                    same = str(Path(path).resolve()) if path else path  # one teacher however its path is spelt
+                    same = _at_home(str(Path(path).resolve()), out, home) if path else path  # however spelt
                     key = json.dumps([name, same, m.teacher_kwargs, m.pretrained, dataclasses.asdict(cfg.data),
                                       cfg.cache.topk, cfg.cache.value_dtype], sort_keys=True, default=str)
                     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -249,8 +255,16 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                 job.caches = tuple(job_caches)
                 cfg.cache.dir = ",".join(map(str, job_caches))
             runs.append(job)
+    for job in [*([teacher_job] if teacher_job else []), *caches.values(), *runs]:
+        job.moved = moved
     _check_jobs(teacher_job, list(caches.values()), runs, spec.seeds[0])
     return teacher_job, list(caches.values()), runs
+
+
+def _at_home(path: str, here: Path, home: Path) -> str:
+    """``path`` under ``here`` named as under ``home``, the place the grid first ran."""
+    rel = os.path.relpath(path, here)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else os.path.normpath(home / rel)
 
 
 def _check_jobs(teacher: Job | None, caches: list[Job], runs: list[Job], seed: int) -> None:
@@ -345,13 +359,13 @@ class Progress:
 
 def _changed(job: Job) -> str:
     """The first difference between a finished run's saved config and the grid's ("" if none)."""
-    from vitdistill.engine.run import _comparable, _first_difference
+    from vitdistill.engine.run import _comparable, _first_difference, relocate_paths
 
     try:
         saved = yaml.safe_load((job.out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return ""
-    return _first_difference(_comparable(job.cfg.to_dict()), _comparable(saved or {}))
+    return _first_difference(_comparable(job.cfg.to_dict()), _comparable(relocate_paths(saved or {}, job.moved)))
 
 
 _TEACHER_CHANGED = ("  note: the teacher '{out}' finished under another config ({diff}), and the runs that distilled "
@@ -390,7 +404,7 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
         else:
             print(f"teacher: train {teacher.cfg.model.student} for {teacher.cfg.train.epochs} epochs -> "
                   f"{teacher.out} ({status})", flush=True)
-            summary = run(teacher.cfg, "train", resume=status == "resume")
+            summary = run(teacher.cfg, "train", resume=status == "resume", relocated=teacher.moved)
             teacher_ready = "stopped_after_epoch" not in summary
             took = _clock(time.perf_counter() - progress.started)
             print(f"teacher: done, top-1 {100 * summary['student_top1']:.2f} in {took}" if teacher_ready else
@@ -425,7 +439,7 @@ def execute(teacher: Job | None, caches: list[Job], runs: list[Job], trains_teac
             written.add(cache.out)
         progress.line(k, f"start {what}: {job.mode} {job.cfg.model.student} ({status})")
         before, t0 = (_epochs_done(job.out) if dist.is_main() else 0), time.perf_counter()
-        summary = run(job.cfg, job.mode, resume=status == "resume")
+        summary = run(job.cfg, job.mode, resume=status == "resume", relocated=job.moved)
         seconds = time.perf_counter() - t0
         if dist.is_main():
             progress.record(job.label, seconds, _epochs_done(job.out) - before)

@@ -52,7 +52,7 @@ class TrainConfig:
     batch_size: int = 128
     accum_steps: int = 1  # split each batch into this many micro-batches whose gradients add up (less memory)
     lr: float = 1e-3
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # left unset with lr below it, it becomes lr / 100 (the cosine never climbs)
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -301,6 +301,9 @@ def build_config(layers: list[dict]) -> Config:
     cfg = Config()
     for layer in layers:
         _fill(cfg, layer, "")
+    if cfg.train.min_lr > cfg.train.lr and not any("min_lr" in (layer.get("train") or {}) for layer in layers
+                                                   if isinstance(layer.get("train"), dict)):
+        cfg.train.min_lr = cfg.train.lr / 100  # a small --lr alone should not trip over the default floor
     if not isinstance(cfg.method.get("name"), str):
         raise UserError("config key 'method.name' must be a method name; `vitdistill methods` lists them")
     check_ranges(cfg)

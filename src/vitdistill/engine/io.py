@@ -1,6 +1,7 @@
 """Atomic writes: a temporary file in the same folder, then a rename, so no half file is ever read."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -43,7 +44,10 @@ def _probe(folder: Path, path: Path, flag: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise UserError(f"cannot write into {flag} '{path}': {err.strerror or err}; choose another {flag}") from None
+        # /proc and /sys answer "No such file or directory" for a folder that exists: say what it is
+        reason = ("it takes no new file (a special file system such as /proc or /sys)"
+                  if err.errno == errno.ENOENT and folder.is_dir() else err.strerror or str(err))
+        raise UserError(f"cannot write into {flag} '{path}': {reason}; choose another {flag}") from None
 
 
 def make_folder(path: str | Path, flag: str = "--out") -> list[Path]:

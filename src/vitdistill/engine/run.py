@@ -10,7 +10,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +65,26 @@ def _comparable(cfg: dict) -> dict:
     return out
 
 
+def relocate_paths(value: Any, moves: Mapping[str, str]) -> Any:
+    """A saved config with each path under a folder of ``moves`` (old -> new) named under the new
+    one, in comma-separated lists too (several teachers, several caches)."""
+    if isinstance(value, dict):
+        return {k: relocate_paths(v, moves) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate_paths(v, moves) for v in value]
+    if not isinstance(value, str) or not moves:
+        return value
+    return ",".join(_relocate_one(part, moves) for part in value.split(","))
+
+
+def _relocate_one(part: str, moves: Mapping[str, str]) -> str:
+    path = part.strip()
+    for old, new in moves.items():
+        if path == old or path.startswith(old.rstrip("/") + "/"):
+            return part.replace(path, new.rstrip("/") + path[len(old.rstrip("/")):], 1)
+    return part
+
+
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     """The first key where the current config ``a`` and the saved one ``b`` differ ("" if none).
 
@@ -97,19 +119,22 @@ def _read_checkpoint(path: Path) -> dict:
                     "over, or choose another --out")
 
 
-def run(cfg: Config, mode: str, resume: bool = False) -> dict:
+def run(cfg: Config, mode: str, resume: bool = False, relocated: Mapping[str, str] | None = None) -> dict:
     """Train (``mode="train"``) or distill (``mode="distill"``) and fill the run directory.
 
     Under torchrun every process calls this with the same config (docs/distributed.md): each trains
     on its slice of every global batch inside one ``DistributedDataParallel``, only rank 0 writes
     the run directory, and every process returns the same summary.
+
+    ``relocated`` maps folders the run's paths were under when it began to where they are now (a
+    copied compare grid), so that ``--resume`` matches the saved config through the move.
     """
     dist.check_batch_size(cfg.train.batch_size)
     with dist.session():
-        return _run(cfg, mode, resume)
+        return _run(cfg, mode, resume, relocated or {})
 
 
-def _run(cfg: Config, mode: str, resume: bool) -> dict:
+def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> dict:
     if cfg.out is not None and not str(cfg.out).strip():
         raise UserError("--out is empty; name the run folder, or leave --out out for runs/<mode>-<method>-<model>")
     out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
@@ -162,7 +187,7 @@ def _run(cfg: Config, mode: str, resume: bool) -> dict:
     start_epoch, wall_before = 0, 0.0
     if resume and exists:  # every rank loads the checkpoint (the run directory is shared)
         state = _read_checkpoint(ckpt_path)
-        saved = json.loads(state["config"])
+        saved = relocate_paths(json.loads(state["config"]), relocated)
         diff = _first_difference(_comparable(resolved), _comparable(saved))
         if diff:
             raise UserError(f"cannot resume '{out}': its config differs ({diff}); use the same config or a new --out")
