@@ -18,8 +18,9 @@ TINY = ["--set", "data.train_limit=256", "--set", "data.test_limit=128", "--batc
         "--set", "train.warmup_epochs=0.5", "--threads", "1", "--no-progress"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "vitdistill", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 

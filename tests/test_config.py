@@ -30,7 +30,8 @@ def test_defaults():
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (10, 128, 1e-3)
     assert cfg.train.label_smoothing == 0.1 and cfg.train.clip_grad == 1.0 and cfg.train.amp == "auto"
     assert cfg.out is None
-    assert set(cfg.to_dict()) == {"data", "model", "method", "train", "cache", "synth", "out"}
+    assert set(cfg.to_dict()) == {"plugins", "data", "model", "method", "train", "cache", "synth", "out"}
+    assert cfg.plugins == []
     assert (cfg.synth.images, cfg.synth.batch_size, cfg.synth.iters, cfg.synth.grey) == (2560, 256, 300, False)
     assert cfg.cache.dir is None and cfg.data.mix_prob == 0.0
 

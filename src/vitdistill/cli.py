@@ -56,6 +56,8 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     if getattr(args, "no_progress", False):
         layers.append({"train": {"progress": False}})
     layers.extend(parse_override(s) for s in args.set or [])
+    if getattr(args, "plugin", None):
+        layers.append({"plugins": args.plugin})  # saved with the run, so --resume and eval import them too
     return build_config(layers)
 
 
@@ -182,8 +184,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for name, cls in METHODS.items():
         knobs = ", ".join(f"{k}={v}" for k, v in method_knobs(cls).items()) or "-"
-        print(f"{name:<12} {cls.summary}\n{'':<12} paper: {cls.paper}\n{'':<12} knobs: {knobs}")
+        origin = "" if cls.__module__.startswith("vitdistill.") else f"\n{'':<12} plugin: {_origin(cls)}"
+        print(f"{name:<12} {cls.summary}\n{'':<12} paper: {cls.paper}\n{'':<12} knobs: {knobs}{origin}")
     return 0
+
+
+def _origin(cls: type) -> str:
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or cls.__module__
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -346,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the tiny registered models (and timm's with --timm PATTERN)")
     p.add_argument("--timm", metavar="PATTERN", help="list timm model names matching a wildcard pattern")
     p.set_defaults(func=cmd_models)
+    for p in sub.choices.values():
+        p.add_argument("--plugin", action="append", metavar="MODULE",
+                       help="a module or .py file that registers methods or models (repeatable; docs/plugins.md)")
     return parser
 
 
@@ -370,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1 and args.command not in _DISTRIBUTED:
             raise UserError(f"`{args.command}` runs in one process; start it without torchrun (only "
                             f"{', '.join(_DISTRIBUTED)} use several)")
+        from vitdistill import plugins
+
+        plugins.load_plugins(plugins.normalise(args.plugin or []))  # and the installed entry points
         # Under torchrun rank 0 speaks for all: the others' lines would repeat it N times.
         with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
             return func(args)

@@ -521,7 +521,8 @@ def compare_cli(args: Any) -> int:
             if gone:
                 print(f"left out, not in the grid of {out / 'compare.json'}: {', '.join(gone)}")
         return 0
-    base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else [])
+    base = [raw, *sets] + ([{"train": {"progress": False}}] if args.no_progress else []) + \
+        ([{"plugins": args.plugin}] if getattr(args, "plugin", None) else [])
     spec = parse_spec(section, build_config(base).model.student)
     shard = parse_shard(getattr(args, "shard", None))
     io.check_folder(out)

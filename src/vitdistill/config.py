@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from vitdistill import plugins
 from vitdistill.errors import UserError, did_you_mean
 
 
@@ -104,6 +105,8 @@ class SynthConfig:
 
 @dataclass
 class Config:
+    # modules or .py files that register methods or models (src/vitdistill/plugins.py), imported first
+    plugins: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # name plus the method's own knobs; the knobs are checked against the method's signature
@@ -155,6 +158,11 @@ def _fill(obj: Any, values: dict, prefix: str) -> None:
             if not isinstance(value, dict):
                 raise UserError(f"config key '{dotted}' is a section; give it a mapping of keys")
             _fill(current, value, dotted + ".")
+        elif key == "plugins" and prefix == "":
+            given = [value] if isinstance(value, str) else value
+            if not isinstance(given, list) or not all(isinstance(v, str) for v in given):
+                raise UserError(f"config key 'plugins' expects a list of module names or .py files, got {value!r}")
+            obj.plugins = [*obj.plugins, *given]  # every layer adds its own
         elif key == "method" and prefix == "":
             if isinstance(value, str):
                 value = {"name": value}
@@ -301,6 +309,8 @@ def build_config(layers: list[dict]) -> Config:
     cfg = Config()
     for layer in layers:
         _fill(cfg, layer, "")
+    cfg.plugins = plugins.normalise(cfg.plugins)
+    plugins.load_plugins(cfg.plugins)  # before anything looks up a method or a model by name
     if cfg.train.min_lr > cfg.train.lr and not any("min_lr" in (layer.get("train") or {}) for layer in layers
                                                    if isinstance(layer.get("train"), dict)):
         cfg.train.min_lr = cfg.train.lr / 100  # a small --lr alone should not trip over the default floor

@@ -34,11 +34,12 @@ from vitdistill.models.factory import check_fits
 from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
-# Keys that may change between a run and its resume without changing its result.
+# Keys that may change between a run and its resume without changing its result (a plugin's
+# method or model is named in method.name / model.*, which must not change).
 # train.accum_steps is among them: a run out of memory resumes with more micro-batches, which change
 # only rounding, BatchNorm statistics and batch-relating losses (docs/usage.md)
 _RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("train", "stop_after"), ("out",),
-                ("synth",), ("train", "accum_steps")}
+                ("synth",), ("train", "accum_steps"), ("plugins",)}
 
 
 def _method_resolved(section: object) -> object:

@@ -14,7 +14,7 @@ regressor r), and compared with the teacher's layer output H^t_l on a chosen set
 
     L = (1 - alpha) * CE(z_s, y) + alpha * tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)) + beta * L_hidden
 
-with the soft-logit term (Hinton et al. 2015) off by default (``alpha = 0``). FitNets trains the hint
+with CE smoothed by ``train.label_smoothing`` and the soft-logit term (Hinton et al. 2015) off by default (``alpha = 0``). FitNets trains the hint
 first in a separate stage; here, as in TinyBERT's joint variant, everything trains together.
 
 Tokens (knob ``tokens``): ``"all"`` every token (ViT teacher with the same token layout), ``"cls"``

@@ -2,7 +2,7 @@
 
     L = (1 - alpha) * CE(psi(Z_s), y) + alpha * tau^2 * KL(psi(Z_t / tau) || psi(Z_s / tau))
 
-with psi the softmax and the KL averaged over the batch. Knobs: ``alpha`` (weight of the KD term,
+with psi the softmax, CE smoothed by ``train.label_smoothing`` and the KL averaged over the batch. Knobs: ``alpha`` (weight of the KD term,
 default 0.5) and ``tau`` (temperature, default 4.0). A student with a distillation token gets the
 same loss on both heads.
 """

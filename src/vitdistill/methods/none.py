@@ -1,6 +1,6 @@
 """``none``: plain supervised training, the no-KD baseline every method is measured against.
 
-    L = CE(psi(Z_s), y)
+    L = CE(psi(Z_s), y)      (CE smoothed by train.label_smoothing)
 
 averaged over the student's heads when it carries a distillation token, so both heads learn
 the labels and the averaged prediction at evaluation stays meaningful.

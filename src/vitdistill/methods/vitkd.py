@@ -50,7 +50,8 @@ SERVES = "a ViT student with a ViT teacher (the paper's pairing) or a CNN teache
 def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label: torch.Tensor, tau: float,
              gamma: float) -> torch.Tensor:
     """NKD: the target term weighted by the teacher's target probability, plus the teacher's
-    normalised non-target distribution matched by the student's (both at temperature ``tau``)."""
+    normalised non-target distribution matched by the student's (that one at temperature ``tau``;
+    the target term uses the plain softmax)."""
     s, t = student_logits.float(), teacher_logits.detach().float()
     y = label.unsqueeze(1)
     target = -(F.softmax(t, dim=1).gather(1, y) * F.log_softmax(s, dim=1).gather(1, y)).mean()
