@@ -439,3 +439,16 @@ def test_teacher_layers_alone_keep_the_methods_own_student_layers():
         method = build_method(options)
         method.setup(student, [teacher])
         assert method.pairs == expect, options
+
+
+def test_soft_kl_of_a_teacher_that_masks_a_class_is_finite() -> None:
+    # a class the teacher rules out (-inf) adds 0 * log 0 = 0, not NaN; its gradient stays finite
+    s = tensor([[0.5, -0.2, 0.1]], requires_grad=True)
+    t = tensor([[1.0, float("-inf"), 0.0]])
+    got = soft_kl(s, t, 2.0)
+    p = torch.softmax(tensor([[0.5, float("-inf"), 0.0]]), 1)[0, [0, 2]]
+    log_q = torch.log_softmax(s.detach() / 2.0, 1)[0, [0, 2]]
+    expected = 4.0 * float((p * (p.log() - log_q)).sum())
+    assert float(got) == approx(expected, rel=1e-6)
+    got.backward()
+    assert torch.isfinite(s.grad).all()

@@ -119,3 +119,25 @@ def test_teacher_taps_and_ensemble(vit, cnn):
     assert not out["t1.logits"].requires_grad
     t1.tap(())
     t2.tap(())
+
+
+def test_channels_last_stages_and_a_class_token_outside_the_blocks_are_read_as_they_are() -> None:
+    """timm's Swin gives NHWC stage outputs (taps hand methods NCHW); CaiT counts a class token
+    that its ``blocks`` never carry (the prefix is measured); its talking-heads attention is refused."""
+    import timm
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2, embed_dim=24,
+                             depths=(1, 1), num_heads=(1, 2), num_classes=10)
+    info = describe(swin, "swin", (3, 32, 32), 10)
+    assert [(l.shape, l.width) for l in info.layers] == [((24, 8, 8), 24), ((48, 4, 4), 48)]
+    taps = FeatureTaps(swin.eval(), [Tap("block", 1)])
+    x = torch.randn(2, 3, 32, 32)
+    with taps.capture():
+        swin(x)
+    got = taps.pop()["block.1"]
+    assert torch.equal(got, swin.layers[1](swin.layers[0](swin.patch_embed(x))).permute(0, 3, 1, 2))
+    cait = timm.create_model("cait_xxs24_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             depth_token_only=1, num_classes=10)
+    assert cait.num_prefix_tokens == 1 and describe(cait, "cait", (3, 32, 32), 10).num_prefix_tokens == 0
+    with pytest.raises(UserError, match="'attn' taps read timm's plain self-attention"):
+        FeatureTaps(cait, [Tap("attn", 0)])

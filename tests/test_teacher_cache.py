@@ -99,7 +99,7 @@ def test_replay_and_targets_match_live_teacher(teacher_run: Path, tmp_path: Path
         assert torch.allclose(kd(s, {"logits": rebuilt}, y)["loss"], kd(s, {"logits": want}, y)["loss"], atol=1e-5)
 
 
-def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path) -> None:
+def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = _cfg(teacher_run)
     cfg.cache.value_dtype, cfg.cache.topk = "float16", 3
     out = cache_teacher(cfg, str(tmp_path / "c16"))
@@ -115,6 +115,14 @@ def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path) -> None
     top = p_live.topk(3, dim=1).indices
     assert torch.allclose(p_cache.gather(1, top), p_live.gather(1, top), rtol=2e-3, atol=1e-4)
     assert torch.allclose(p_cache.sum(1), torch.ones(16), atol=1e-3)
+    # replayed at tau > 1, a top-3 cache of 10 classes changes the softened target: a note says so
+    from vitdistill.engine.setup import teacher_side
+
+    cfg.cache.dir = str(tmp_path / "c16")
+    for tau, noted in ((4.0, True), (1.0, False)):
+        teacher_side(cfg, data, build_method({"name": "logit-kd", "tau": tau}), torch.device("cpu"))
+        said = capsys.readouterr().err
+        assert ("keeps the top 3 of 10 classes" in said and "--topk 10" in said) is noted, said
 
 
 def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:

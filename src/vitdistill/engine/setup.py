@@ -230,6 +230,14 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
         thash = tc.state_hash(teachers[i].model) if teachers else found["teacher_hash"]
         prep = teachers[i].prep.spec if teachers else found.get("teacher_input")
         caches.append(tc.CachedTeacher(cache_dir, cache_header(cfg, data, name, thash, prep), device))
+    tau = getattr(method, "tau", None)  # the logit methods' shared knob; a method without one is not warned
+    short = [c for c in caches if c.header["topk"] < c.header["num_classes"]]
+    if short and isinstance(tau, (int, float)) and tau > 1 and dist.is_main():
+        c = short[0]
+        print(f"note: the cache '{c.dir}' keeps the top {c.header['topk']} of "
+              f"{c.header['num_classes']} classes and spreads the rest evenly; at tau {tau:g} the softened target "
+              "leans on that tail (DKD's non-target term most), so write the cache with --topk "
+              f"{c.header['num_classes']} for the live teacher's target", file=sys.stderr, flush=True)
     source = caches[0] if len(caches) == 1 else tc.CachedTeachers(caches)
     # made for another test subset: no teacher figures rather than wrong ones
     tests = [c.test_logits() for c in caches]

@@ -104,7 +104,8 @@ def soft_kl(
     dt = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     log_p_s = F.log_softmax(student_logits.to(dt) / tau, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.to(dt) / tau, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    # p_t log(p_t / p_s) by hand: kl_div makes 0 * (-inf - x) a NaN where a teacher masks a class (-inf)
+    kl = torch.where(log_p_t == float("-inf"), 0.0, log_p_t.exp() * (log_p_t - log_p_s)).sum()
     if normalize == "batchmean":
         denom = student_logits.shape[0]
     elif normalize == "elements":

@@ -139,6 +139,8 @@ class FeatureTaps:
         self._handles = []
         self.active = False
         vit = is_vit(model)
+        # timm's Swin (and other NHWC models) give stage outputs channels-last; methods read [B, C, H, W]
+        self.nhwc = not vit and getattr(model, "output_fmt", "NCHW") == "NHWC"
         for tap in self.taps:
             if not -len(self.paths) <= tap.layer < len(self.paths):
                 raise UserError(f"cannot tap layer {tap.layer} of a model with {len(self.paths)} layers "
@@ -150,6 +152,9 @@ class FeatureTaps:
                 raise UserError(f"'{tap.kind}' taps need a ViT (attention maps); {type(model).__name__} is not one")
             else:
                 attn = _module(model, path).attn
+                if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "q_norm", "k_norm")):
+                    raise UserError(f"'{tap.kind}' taps read timm's plain self-attention, and {type(model).__name__}'s "
+                                    f"is a {type(attn).__name__}; use block features (hidden, manifold) or another ViT")
                 self._handles.append(attn.qkv.register_forward_hook(self._keep_attention(tap, attn)))
 
     @contextlib.contextmanager
@@ -164,6 +169,8 @@ class FeatureTaps:
     def _keep(self, key: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if self.active:
+                if self.nhwc and isinstance(output, torch.Tensor) and output.dim() == 4:
+                    output = output.permute(0, 3, 1, 2)
                 self._store[key] = output
         return hook
 
@@ -217,8 +224,12 @@ def describe(model: nn.Module, name: str, input_size: tuple[int, int, int], num_
         out = out[0] if isinstance(out, (tuple, list)) else out
         heads = _module(model, path).attn.num_heads if vit else None
         layers.append(LayerInfo(path, tuple(out.shape[1:]), heads))
-    return ModelInfo(name=name, kind="vit" if vit else "cnn", layers=layers,
-                     num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if vit else 0,
+    prefix = int(getattr(model, "num_prefix_tokens", 0)) if vit else 0
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if vit and grid is not None and layers and len(layers[0].shape) == 2:
+        # measured, not trusted: CaiT and XCiT count a class token their `blocks` never carry
+        prefix = layers[0].shape[0] - int(grid[0]) * int(grid[1])
+    return ModelInfo(name=name, kind="vit" if vit else "cnn", layers=layers, num_prefix_tokens=prefix,
                      num_classes=num_classes)
 
 
