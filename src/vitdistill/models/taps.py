@@ -227,8 +227,10 @@ def describe(model: nn.Module, name: str, input_size: tuple[int, int, int], num_
     prefix = int(getattr(model, "num_prefix_tokens", 0)) if vit else 0
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if vit and grid is not None and layers and len(layers[0].shape) == 2:
-        # measured, not trusted: CaiT and XCiT count a class token their `blocks` never carry
-        prefix = layers[0].shape[0] - int(grid[0]) * int(grid[1])
+        # measured, not trusted: CaiT and XCiT count a class token their `blocks` never carry (a probe
+        # at another size than the model's grid, under dynamic_img_size, keeps timm's count)
+        measured = layers[0].shape[0] - int(grid[0]) * int(grid[1])
+        prefix = measured if 0 <= measured <= prefix else prefix
     return ModelInfo(name=name, kind="vit" if vit else "cnn", layers=layers, num_prefix_tokens=prefix,
                      num_classes=num_classes)
 
