@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -185,6 +184,7 @@ def _slug(text: str) -> str:
 
 def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job], list[Job]]:
     """(teacher job, cache jobs, run jobs in order: seed-major, cells in config order)."""
+    from vitdistill.engine.run import relocate_paths
     from vitdistill.engine.setup import teacher_names
     from vitdistill.methods import METHODS, build_method
 
@@ -192,7 +192,8 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
     # a grid copied or moved since it ran: its runs name the teacher and the caches by the old place,
     # and cache folders keep the names hashed there (the first place), so the copy reuses them
     former = _former_places(out)
-    moved, home = {p: str(out) for p in former}, Path(former[-1]) if former else out
+    moved = {p: str(out) for p in former}
+    home_of = {str(out): former[-1]} if former else {}  # paths here named as where the grid first ran
     teacher_job, teacher_ref = None, {}
     if spec.teacher:
         t = spec.teacher
@@ -240,7 +241,7 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
                 m = cfg.model
                 job_caches = []
                 for name, path in teacher_names(cfg):
-                    same = _at_home(str(Path(path).resolve()), out, home) if path else path  # however spelt
+                    same = relocate_paths(str(Path(path).resolve()), home_of) if path else path  # however spelt
                     key = json.dumps([name, same, m.teacher_kwargs, m.pretrained, dataclasses.asdict(cfg.data),
                                       cfg.cache.topk, cfg.cache.value_dtype], sort_keys=True, default=str)
                     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -259,12 +260,6 @@ def plan(spec: Spec, base: list[dict], out: Path) -> tuple[Job | None, list[Job]
         job.moved = moved
     _check_jobs(teacher_job, list(caches.values()), runs, spec.seeds[0])
     return teacher_job, list(caches.values()), runs
-
-
-def _at_home(path: str, here: Path, home: Path) -> str:
-    """``path`` under ``here`` named as under ``home``, the place the grid first ran."""
-    rel = os.path.relpath(path, here)
-    return path if rel == ".." or rel.startswith(".." + os.sep) else os.path.normpath(home / rel)
 
 
 def _check_jobs(teacher: Job | None, caches: list[Job], runs: list[Job], seed: int) -> None:
