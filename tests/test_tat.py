@@ -49,15 +49,16 @@ def embed(x: list, weight: list, bn: tuple) -> list:
     return out
 
 
-def match(key: list, value: list, target: list, query: str) -> tuple[float, int]:
+def match(key: list, value: list, target: list, query: str, temperature: float = 1.0) -> tuple[float, int]:
     """Sum of squared errors and element count of f^s' against f^t, for one set of positions.
-    Teacher query: w^i_j = softmax_j <f^t_i, gamma(f^s)_j>; student query: softmax_j <gamma(f^s)_i, f^t_j>."""
+    Teacher query: w^i_j = softmax_j <f^t_i, gamma(f^s)_j> / T; student query: softmax_j <gamma(f^s)_i, f^t_j> / T."""
     sse, count = 0.0, 0
     for i in range(len(target)):
         if query == "teacher":
             scores = [sum(a * b for a, b in zip(target[i], key[j])) for j in range(len(key))]
         else:
             scores = [sum(a * b for a, b in zip(key[i], target[j])) for j in range(len(target))]
+        scores = [v / temperature for v in scores]
         top = max(scores)
         e = [math.exp(s - top) for s in scores]
         w = [v / sum(e) for v in e]
@@ -68,15 +69,26 @@ def match(key: list, value: list, target: list, query: str) -> tuple[float, int]
 
 
 def hand_tat(s: list, t: list, variant: str, query: str = "teacher", patch: int = 2, groups: int | None = None,
-             anchor: int = 2, anchor_weight: float = 1.0) -> float:
+             anchor: int = 2, anchor_weight: float = 1.0, heads: int = 1, temperature: float = 1.0) -> float:
     s_patch = [img[1:] for img in s]  # the class token is not a position
     t_tok = [[[t[b][c][y][x] for c in range(CT)] for y in range(H) for x in range(W)] for b in range(B)]
     key, value = embed(s_patch, WG, BN_G), embed(s_patch, WP, BN_P)
+    # heads: each slice of the teacher's channels is a matching of its own, and the MSE spans them all
+    # (equal element counts, so it is the mean over heads)
+    d = CT // heads
+    sliced = [[[[tok[h * d:(h + 1) * d] for tok in img] for img in x] for x in (key, value, t_tok)]
+              for h in range(heads)]
+    return sum(variant_loss(*parts, variant, query, patch, groups, anchor, anchor_weight, temperature)
+               for parts in sliced) / heads
+
+
+def variant_loss(key: list, value: list, t_tok: list, variant: str, query: str, patch: int, groups: int | None,
+                 anchor: int, anchor_weight: float, temperature: float) -> float:
 
     def mse(sets: list) -> float:  # sets of (key, value, target) positions, one MSE over all of them
         sse = count = 0
         for k, v, tt in sets:
-            a, n = match(k, v, tt, query)
+            a, n = match(k, v, tt, query, temperature)
             sse, count = sse + a, count + n
         return sse / count
 
@@ -168,6 +180,9 @@ def outputs(s: list, t: list, grad: bool = False) -> tuple[dict, dict]:
     dict(variant="patch_group", patch_size=2, groups=1, query="student"),
     dict(variant="anchor", anchor=2),
     dict(variant="hierarchical", patch_size=2, groups=2, anchor=2, anchor_weight=0.5),
+    dict(variant="full", temperature=2.5),
+    dict(variant="full", heads=2, query="student"),
+    dict(variant="hierarchical", patch_size=2, groups=2, heads=2, temperature=0.5),
 ])
 def test_tat_matches_the_paper_equations_by_hand(knobs):
     method = make(beta=0.3, **knobs)
@@ -175,7 +190,8 @@ def test_tat_matches_the_paper_equations_by_hand(knobs):
     out = method(*outputs(s, t), torch.tensor(Y))
     hand_knobs = {"variant": knobs["variant"], "query": knobs.get("query", "teacher"),
                   "patch": knobs.get("patch_size", 2), "groups": knobs.get("groups"),
-                  "anchor": knobs.get("anchor", 2), "anchor_weight": knobs.get("anchor_weight", 1.0)}
+                  "anchor": knobs.get("anchor", 2), "anchor_weight": knobs.get("anchor_weight", 1.0),
+                  "heads": knobs.get("heads", 1), "temperature": knobs.get("temperature", 1.0)}
     tat = hand_tat(s, t, **hand_knobs)
     ce, kd = hand_ce_kd(Z, ZT, Y, 1.0)
     assert float(out["tat"]) == pytest.approx(tat, rel=1e-5)
@@ -221,13 +237,15 @@ def test_gradients_reach_student_and_projectors_never_the_teacher():
 
 
 def test_bad_knobs_and_grids_are_user_errors():
-    for knobs in (dict(variant="window"), dict(query="both"), dict(anchor=0), dict(alpha=2.0)):
+    for knobs in (dict(variant="window"), dict(query="both"), dict(anchor=0), dict(alpha=2.0), dict(heads=0),
+                  dict(temperature=0.0)):
         with pytest.raises(UserError):
             build_method({"name": "tat", **knobs})
     s, t = infos()
     for knobs, needle in ((dict(variant="patch_group", patch_size=3), "patch_size"),
                           (dict(variant="patch_group", groups=3), "groups"),
-                          (dict(variant="anchor", anchor=3), "anchor")):
+                          (dict(variant="anchor", anchor=3), "anchor"),
+                          (dict(heads=3), "heads")):
         with pytest.raises(UserError, match=needle):
             build_method({"name": "tat", **knobs}).setup(s, [t])
     with pytest.raises(UserError, match="live teacher"):

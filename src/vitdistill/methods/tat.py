@@ -9,6 +9,13 @@ teacher position i gathers all student positions j by their similarity (paper eq
     f^{s'}_i  = sum_j w^i_j * phi(f^s_j)
     L_TaT     = MSE(f^{s'}, f^t)                         (mean over positions and channels)
 
+The softmax takes the raw dot product, with no 1/sqrt(C) scale: the official code's ``MaskedFM`` loss
+(``sim.softmax(dim=-1)`` with ``heads: 1`` in its ImageNet configs) does the same. At ViT widths the
+weights are then close to one-hot; ``temperature`` T divides the scores (softmax_j(<., .> / T)), and
+``heads`` splits the teacher's width into that many equal groups that match independently (the
+official code's ``heads``: the channels of q, k and v are cut into ``heads`` slices, each slice runs the
+one-to-all matching on its own, and the MSE is over all of them). Both default to the official 1.
+
 gamma and phi are learned 1x1 maps from the student's width to the teacher's followed by batch norm
 (the official code's "Embed": 1x1/3x3 conv without bias + BN); theta is the identity (the official
 classification code keeps the teacher's features as they are). ``query="student"`` swaps the roles of
@@ -60,10 +67,20 @@ class Embed(nn.Module):
         return self.norm(y.reshape(-1, y.shape[-1])).view_as(y)
 
 
-def one_to_all(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """softmax_j(<q_i, k_j>) weighted sum of v_j, per leading index; float32 for a stable softmax."""
-    w = torch.softmax(query.float() @ key.float().transpose(-2, -1), dim=-1)
+def one_to_all(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """softmax_j(<q_i, k_j> / T) weighted sum of v_j, per leading index; float32 for a stable softmax."""
+    w = torch.softmax(query.float() @ key.float().transpose(-2, -1) / temperature, dim=-1)
     return w @ value.float()
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, C] -> [B*heads, N, C/heads]: each head's channel slice becomes its own matching problem, so
+    the grouping and pooling of the variants apply to every head alike."""
+    if heads == 1:
+        return x
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
 
 
 def group_patches(x: torch.Tensor, grid: tuple[int, int], patch: int, groups: int) -> torch.Tensor:
@@ -94,8 +111,9 @@ class TaT(Method):
 
     def __init__(self, beta: float = 0.1, alpha: float = 0.5, tau: float = 1.0, variant: str = "full",
                  query: str = "teacher", patch_size: int = 2, groups: int | None = None, anchor: int = 2,
-                 anchor_weight: float = 1.0, student_layers: list[int] | None = None,
-                 teacher_layers: list[int] | None = None, label_smoothing: float = 0.0) -> None:
+                 anchor_weight: float = 1.0, heads: int = 1, temperature: float = 1.0,
+                 student_layers: list[int] | None = None, teacher_layers: list[int] | None = None,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)
         check_weights(alpha, tau)
         if variant not in VARIANTS:
@@ -104,11 +122,14 @@ class TaT(Method):
             raise ValueError(f"query must be 'teacher' or 'student', not {query!r}")
         if beta < 0 or anchor_weight < 0:
             raise ValueError("beta and anchor_weight must be non-negative")
-        for knob, value in (("patch_size", patch_size), ("anchor", anchor), ("groups", groups)):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, not {temperature!r}")
+        for knob, value in (("patch_size", patch_size), ("anchor", anchor), ("groups", groups), ("heads", heads)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{knob} must be a positive integer, not {value!r}")
         self.beta, self.alpha, self.tau, self.variant, self.query = beta, alpha, tau, variant, query
         self.patch_size, self.groups, self.anchor, self.anchor_weight = patch_size, groups, anchor, anchor_weight
+        self.heads, self.temperature = heads, temperature
         check_layer_knobs(student_layers, teacher_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.gamma = nn.ModuleList()
@@ -132,6 +153,9 @@ class TaT(Method):
             s_layer, t_layer = student.layer(s), teacher.layer(t)
             grid = grid_of(s_layer, student.num_prefix_tokens)
             self._check_grid(grid)
+            if t_layer.width % self.heads:
+                raise UserError(f"method 'tat': {self.heads} heads do not divide the teacher's width "
+                                f"{t_layer.width} at layer {t}; set method.heads to a divisor of {t_layer.width}")
             self.grids.append(grid)
             self.gamma.append(Embed(s_layer.width, t_layer.width))
             self.phi.append(Embed(s_layer.width, t_layer.width))
@@ -156,10 +180,11 @@ class TaT(Method):
     def match(self, key: torch.Tensor, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MSE between the reconfigured student and the teacher; ``key`` is gamma(f^s), ``value`` phi(f^s)."""
         q, k = (target, key) if self.query == "teacher" else (key, target)
-        return F.mse_loss(one_to_all(q, k, value), target.float())
+        return F.mse_loss(one_to_all(q, k, value, self.temperature), target.float())
 
     def tat_loss(self, key: torch.Tensor, value: torch.Tensor, target: torch.Tensor,
                  grid: tuple[int, int]) -> torch.Tensor:
+        key, value, target = (split_heads(x, self.heads) for x in (key, value, target))
         if self.variant == "full":
             return self.match(key, value, target)
         parts = []
