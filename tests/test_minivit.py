@@ -211,6 +211,70 @@ def test_blocks_of_a_group_share_weights_and_differ_by_their_transformations():
         assert (b0(x) - b1(x)).abs().max() > 1e-3
 
 
+def hand_attention(x: torch.Tensor, qkv: torch.nn.Linear, proj: torch.nn.Linear, f1: torch.Tensor,
+                   f2: torch.Tensor, heads: int) -> torch.Tensor:
+    """The paper's multiplexed attention, head by head: A'_h = sum_g F1[h, g] Q_g K_g^T / sqrt(d),
+    P_h = sum_g F2[h, g] softmax(A'_g), O_h = P_h V_h, then the shared projection of [O_1 .. O_H]."""
+    b, n, c = x.shape
+    d = c // heads
+    y = qkv(x)  # [B, N, 3C]: q, k, v, each its heads in order
+    q = [y[..., h * d:(h + 1) * d] for h in range(heads)]
+    k = [y[..., c + h * d:c + (h + 1) * d] for h in range(heads)]
+    v = [y[..., 2 * c + h * d:2 * c + (h + 1) * d] for h in range(heads)]
+    raw = [q[g] @ k[g].transpose(1, 2) / math.sqrt(d) for g in range(heads)]
+    mixed = [sum(float(f1[h, g]) * raw[g] for g in range(heads)) for h in range(heads)]
+    soft = [m.softmax(dim=-1) for m in mixed]
+    probs = [sum(float(f2[h, g]) * soft[g] for g in range(heads)) for h in range(heads)]
+    return proj(torch.cat([probs[h] @ v[h] for h in range(heads)], dim=-1))
+
+
+def hand_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, kernel: torch.Tensor,
+             bias: torch.Tensor, grid: int, prefix: int) -> torch.Tensor:
+    """MLP(Y + C(Y)): C a depth-wise k x k convolution (zero padding) of the patch tokens on their grid,
+    written as a sum of shifted copies; prefix tokens skip it."""
+    b, n, c = x.shape
+    ks = kernel.shape[-1]
+    pad = ks // 2
+    img = torch.zeros(b, grid + 2 * pad, grid + 2 * pad, c)
+    img[:, pad:pad + grid, pad:pad + grid] = x[:, prefix:].reshape(b, grid, grid, c)
+    conv = bias.expand(b, grid, grid, c).clone()
+    for dy in range(ks):
+        for dx in range(ks):
+            conv = conv + img[:, dy:dy + grid, dx:dx + grid] * kernel[:, 0, dy, dx]
+    y = torch.cat((x[:, :prefix], x[:, prefix:] + conv.reshape(b, grid * grid, c)), dim=1)
+    return fc2(torch.nn.functional.gelu(fc1(y)))
+
+
+def test_the_second_block_of_a_group_computes_the_papers_transformations_on_the_first_blocks_weights():
+    # asymmetric F1, F2 (a transposed mixing gives another result) and a non-zero kernel; block 1
+    # must use block 0's qkv/proj/fc1/fc2 and its own transformations
+    model = multiplex(femto(seed=3), 2, 3).eval()
+    b0, b1 = model.blocks[0], model.blocks[1]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        b1.attn.mix_logits.copy_(torch.tensor([[1.2, -0.7], [0.4, 0.9]]))
+        b1.attn.mix_probs.copy_(torch.tensor([[0.8, 0.5], [-0.3, 1.1]]))
+        b1.mlp.dwconv.weight.copy_(0.2 * torch.randn(64, 1, 3, 3, generator=g))
+        b1.mlp.dwconv.bias.copy_(0.1 * torch.randn(64, generator=g))
+        x = torch.randn(2, 17, 64, generator=g)
+        shared = model.minivit_groups[0]
+        attn = hand_attention(x, shared.qkv, shared.proj, b1.attn.mix_logits, b1.attn.mix_probs, heads=2)
+        torch.testing.assert_close(b1.attn(x), attn, rtol=1e-4, atol=1e-5)
+        mlp = hand_mlp(x, shared.fc1, shared.fc2, b1.mlp.dwconv.weight, b1.mlp.dwconv.bias, grid=4, prefix=1)
+        torch.testing.assert_close(b1.mlp(x), mlp, rtol=1e-4, atol=1e-5)
+        transposed = hand_attention(x, shared.qkv, shared.proj, b1.attn.mix_logits.T, b1.attn.mix_probs.T, 2)
+        assert (transposed - attn).abs().max() > 1e-2  # the test can tell F from F^T
+        # the whole block: pre-norm residuals around the two transformed branches, with block 1's own norms
+        h = x + attn_of(b1, x)
+        torch.testing.assert_close(b1(x), h + b1.mlp(b1.norm2(h)), rtol=1e-4, atol=1e-5)
+        assert (b0(x) - b1(x)).abs().max() > 1e-3
+
+
+def attn_of(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    shared = block.attn
+    return hand_attention(block.norm1(x), shared.qkv, shared.proj, shared.mix_logits, shared.mix_probs, heads=2)
+
+
 def test_identity_transformations_keep_the_students_function():
     plain = femto().eval()
     x = torch.randn(2, 3, 16, 16)
