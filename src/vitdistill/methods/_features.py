@@ -41,9 +41,10 @@ def check_layer_knobs(student_layers: object, teacher_layers: object) -> None:
 
 
 def require_vit(method: str, info: ModelInfo, role: str, serves: str) -> None:
-    """One-line error when a method that reads attention or tokens is given a CNN."""
+    """One-line error when a method that reads attention or tokens is given a model of feature maps."""
     if info.kind != "vit":
-        raise UserError(f"method '{method}' needs a ViT {role} ({info.name} is a CNN); it serves {serves}")
+        raise UserError(f"method '{method}' needs a ViT {role} ({info.name} gives feature maps, not tokens, as a CNN "
+                        f"or Swin does); it serves {serves}")
 
 
 def grid_of(layer: LayerInfo, num_prefix_tokens: int) -> tuple[int, int]:
