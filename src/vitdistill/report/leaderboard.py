@@ -152,20 +152,16 @@ def collect(out: Path) -> tuple[dict[str, list[dict]], dict | None]:
         runs = [r for r in map(_run, picked) if r is not None]
         if runs:
             cells[label] = runs
-    for was in (Path(p) for p in (grid[2] if grid else []) if Path(p) != out.resolve()):
+    from vitdistill.engine.run import relocate_paths
+
+    moves = {str(Path(p)): str(out.resolve()) for p in (grid[2] if grid else []) if Path(p) != out.resolve()}
+    if moves:
         # a copied folder: its runs name the grid's teacher by the path it had where they ran
         for r in (r for runs in cells.values() for r in runs):
-            r["_teacher_key"] = (r["_teacher_key"][0], _moved(r["_teacher_key"][1], was, out))
+            r["_teacher_key"] = (r["_teacher_key"][0], relocate_paths(r["_teacher_key"][1], moves))
             for t in r.get("teachers") or []:
-                t["weights"] = _moved(t.get("weights"), was, out)
+                t["weights"] = relocate_paths(t.get("weights"), moves)
     return cells, _run(out / "teacher")
-
-
-def _moved(weights: str | None, was: Path, now: Path) -> str | None:
-    """The grid's own teacher run named by where the grid was run, as where it is now."""
-    if weights and Path(weights) == was / "teacher":
-        return str(now.resolve() / "teacher")
-    return weights
 
 
 def _cell_row(label: str, runs: list[dict]) -> dict:
