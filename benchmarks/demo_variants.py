@@ -92,6 +92,12 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # model EMA of both students (train.ema_decay, timm's warm-up): the seed noise of a run's last
     # epochs is what swamps the effect on 359 test digits
     "ema": {"students": {"train": {"ema_decay": 0.998}}},
+    # DeiT's premise is data efficiency: with few images the CNN's inductive bias is worth more
+    **{f"few{n}": {"teacher": {"data": {"train_limit": n}}, "students": {"data": {"train_limit": n}}}
+       for n in (200, 400)},
+    **{f"few{n}-long": {"teacher": {"data": {"train_limit": n}, "train": {"epochs": 15 * 1438 // n}},
+                        "students": {"data": {"train_limit": n}, "train": {"epochs": 40 * 1438 // n}}}
+       for n in (200, 400)},
     "rrc-e60-ema": {"teacher": {"data": {"crop_scale": 0.35}},
                     "students": {"data": {"crop_scale": 0.35}, "train": {"epochs": 60, "ema_decay": 0.998}}},
     # the distillation-token student as registered before 427cf22: timm DeiT's ImageNet mean and std
