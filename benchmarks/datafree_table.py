@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import argparse
 import statistics
-import sys
 from pathlib import Path
 
 from recipe_table import read_time
@@ -17,7 +17,10 @@ KINDS = {"real-none": "no-KD, real images", "real-kd": "logit-kd, real images",
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/datafree-digits")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", nargs="?", type=Path, default=Path("runs/datafree-digits"),
+                    help="the folder of benchmarks/datafree.sh")
+    root = ap.parse_args().root
     out: dict = {}
     teacher = root / "teacher" / "summary.json"
     if teacher.is_file():

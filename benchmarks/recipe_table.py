@@ -6,9 +6,9 @@ peak resident memory). Usage: .venv/bin/python benchmarks/recipe_table.py runs/c
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 RUNS = ["teacher", "student-none", "student-deit-hard", "student-deit-hard-cached"]
@@ -34,9 +34,13 @@ def read_time(path: Path) -> dict:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cifar10")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", nargs="?", type=Path, default=Path("runs/cifar10"), help="the recipe's folder")
+    ap.add_argument("runs", nargs="*", help=f"run folders to list (default: {' '.join(RUNS)})")
+    args = ap.parse_args()
+    root = args.root
     rows = []
-    for name in sys.argv[2:] or RUNS:
+    for name in args.runs or RUNS:
         summary_path = root / name / "summary.json"
         if not summary_path.is_file():
             continue
