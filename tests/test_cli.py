@@ -223,3 +223,12 @@ def test_a_method_knob_left_at_its_default_then_set_on_resume_blocks_it() -> Non
     # tuple and None defaults compare with the lists and nulls a saved JSON config holds
     attn = build_config([{"method": {"name": "attention", "student_layers": None}}]).to_dict()
     assert _first_difference(_comparable(attn), _comparable(json.loads(json.dumps(attn)))) == ""
+
+
+def test_a_warmup_longer_than_any_run_trains_without_overflow(tmp_path: Path) -> None:
+    # warmup_epochs * steps overflows round() past 1.8e308; the lr then simply never peaks
+    out = tmp_path / "long-warmup"
+    r = run_cli_fast("train", "--model", "vit_femto_patch4_16", "--epochs", "1", "--out", str(out), *TINY,
+                     "--set", "train.warmup_epochs=1e308")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["lr"] < 1e-6

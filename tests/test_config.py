@@ -238,6 +238,13 @@ def test_load_yaml_invalid_yaml(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["train:\n  ? [a, b]\n  : 1\n", "? {a: 1}\n: 2\n"])
+def test_load_yaml_refuses_a_list_or_mapping_as_a_key(tmp_path, text):
+    with pytest.raises(UserError, match="a key must be a name") as info:
+        load_yaml(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
 def test_load_yaml_refuses_anything_but_a_mapping(tmp_path, text):
     with pytest.raises(UserError, match="must be a mapping"):

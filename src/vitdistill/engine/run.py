@@ -179,8 +179,9 @@ def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> 
     n_train = len(data.train)
     steps_per_epoch = max(1, n_train // cfg.train.batch_size) if n_train > cfg.train.batch_size else 1
     total = steps_per_epoch * cfg.train.epochs
-    schedule = warmup_cosine(total, max(1, round(cfg.train.warmup_epochs * steps_per_epoch)), cfg.train.lr,
-                             cfg.train.min_lr)
+    # a warm-up past the run is allowed (the lr never peaks); the clamp only keeps round() finite
+    warmup = max(1, round(min(cfg.train.warmup_epochs * steps_per_epoch, 2.0 ** 62)))
+    schedule = warmup_cosine(total, warmup, cfg.train.lr, cfg.train.min_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     resolved = cfg.to_dict()
