@@ -320,6 +320,30 @@ def test_model_overrides_timm_refuses_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("model.student_kwargs.num_classes=5", "num_classes=5 in model.*_kwargs but the data has 10 classes"),
+    ("model.student_kwargs.drop_path_rate=5", "drop_path_rate=5 in model.*_kwargs; a drop rate is a number in [0, 1]"),
+    ("model.student_kwargs.attn_drop_rate=-0.1", "attn_drop_rate=-0.1 in model.*_kwargs"),
+])
+def test_model_overrides_timm_takes_but_training_would_fail_on(tmp_path: Path, setting: str, says: str) -> None:
+    # before, a head of 5 failed in the first loss and a drop_path_rate of 5 in the first forward,
+    # each with a traceback and a run folder left behind
+    _fails(*_train(tmp_path / "run", "--set", setting), says=says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_student_at_its_own_img_size_trains_profiles_and_scores(tmp_path: Path) -> None:
+    # the images are resized to the student's 8 px; the probe and the profile at the end used the
+    # data's 16 px and crashed after the whole training
+    out = tmp_path / "run"
+    assert run_cli_here(*_train(out, "--set", "model.student_kwargs.img_size=8")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    r = run_cli_fast("profile", "--model", str(out))
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["flops"] == summary["flops"]
+    r = run_cli_fast("eval", "--student", str(out))
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["top1"] == summary["student_top1"]
+
+
 def test_a_broken_cache_shard_is_named_before_the_first_step(teacher_run: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     assert run_cli_here("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run),

@@ -30,7 +30,7 @@ from vitdistill.errors import UserError
 from vitdistill.methods import METHODS
 from vitdistill.methods.base import method_knobs
 from vitdistill.models import InputPrep
-from vitdistill.models.factory import check_fits
+from vitdistill.models.factory import check_fits, expected_input_size
 from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
@@ -302,8 +302,8 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
     }
     if cfg.train.ema_decay is not None:  # the figures above are the average's; the live weights' beside them
         summary.update(ema_decay=cfg.train.ema_decay, live_top1=final.get("test_live_top1"))
-    input_size = (data.in_chans, data.img_size, data.img_size)
-    prof = profile_model(student, input_size, device=str(device))
+    s_size = expected_input_size(student) or data.img_size  # a model_kwargs img_size: its own, not the data's
+    prof = profile_model(student, (data.in_chans, s_size, s_size), device=str(device))
     summary.update({k: prof[k] for k in ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")})
 
     def teacher_cost(t) -> dict:

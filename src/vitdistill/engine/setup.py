@@ -24,6 +24,7 @@ from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.methods.base import Method
 from vitdistill.models import Teacher, create_model, prepare_student
+from vitdistill.models.factory import expected_input_size
 from vitdistill.models.taps import FeatureTaps, ModelInfo, describe
 from vitdistill.models.wrappers import TeacherEnsemble
 from vitdistill import teacher_cache as tc
@@ -258,8 +259,8 @@ def setup_method(method: Method, student: torch.nn.Module, student_name: str, si
 
     Returns the student's taps (``None`` when it asked for none); teacher taps live in the teachers.
     """
-    size = (data.in_chans, data.img_size, data.img_size)
-    s_info = describe(student, student_name, size, data.num_classes)
+    s_size = expected_input_size(student) or data.img_size  # what its InputPrep resizes the images to
+    s_info = describe(student, student_name, (data.in_chans, s_size, s_size), data.num_classes)
     t_infos = []
     for t in side.teachers if side is not None else []:
         t_size = t.prep.size or data.img_size

@@ -98,6 +98,7 @@ def create_model(
     if not known_model(name):
         choices = list(TINY_MODELS) + timm.list_models(pretrained=False)
         raise UserError(f"unknown model '{name}'{did_you_mean(name, choices)}; `vitdistill models` lists them")
+    _check_overrides(name, num_classes, overrides or {})
     spec = model_spec(name, overrides)
     kwargs: dict[str, Any] = {"num_classes": num_classes, **spec["kwargs"]}
     if img_size is not None and "img_size" not in (overrides or {}):
@@ -128,6 +129,21 @@ def create_model(
     if weights:
         load_weights(model, weights, name)
     return model, spec
+
+
+def _check_overrides(name: str, num_classes: int, overrides: dict) -> None:
+    """What timm would take and fail on only later, deep in training: a head of another size than the
+    data's classes (the loss indexes past it), and drop rates outside [0, 1] (timm spreads a stochastic
+    depth rate over the blocks and the first forward raises)."""
+    given = overrides.get("num_classes")
+    if given is not None and given != num_classes:
+        raise UserError(f"'{name}' is given num_classes={given!r} in model.*_kwargs but the data has {num_classes} "
+                        "classes; drop num_classes there (vitdistill sizes the head from the data)")
+    for key, value in overrides.items():
+        if "drop" in key and key.endswith("_rate") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1):
+            raise UserError(f"'{name}' is given {key}={value!r} in model.*_kwargs; a drop rate is a number in "
+                            "[0, 1] (DeiT-Tiny's drop_path_rate is 0.1)")
 
 
 def _check_patch_fits(model: torch.nn.Module, name: str, img_size: int | None) -> None:
