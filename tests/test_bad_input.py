@@ -28,6 +28,7 @@ def _train(out: Path, *extra: str) -> list[str]:
     ("train.batch_size=-4", "'train.batch_size' must be a number >= 1"),
     ("train.lr=-1", "'train.lr' must be a number > 0"),
     ("train.lr=.nan", "'train.lr' must be a number > 0"),
+    ("train.lr=1e39", "'train.lr' must be a number > 0 and below 3.4e38"),
     ("train.min_lr=-1e-5", "'train.min_lr' must be a number >= 0"),
     ("train.weight_decay=-0.1", "'train.weight_decay' must be a number >= 0"),
     ("train.warmup_epochs=-1", "'train.warmup_epochs' must be a number >= 0"),

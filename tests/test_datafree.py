@@ -231,8 +231,9 @@ def test_settings_a_range_check_missed_and_folders_of_the_other_kind(digits_teac
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
     out = tmp_path / "s"
-    for setting, says in (("synth.lr=.nan", "'synth.lr' must be a number > 0, got nan"),
-                          ("synth.lr=.inf", "'synth.lr' must be a number > 0, got inf"),
+    for setting, says in (("synth.lr=.nan", "'synth.lr' must be a number > 0 and below 3.4e38"),
+                          ("synth.lr=.inf", "'synth.lr' must be a number > 0 and below 3.4e38"),
+                          ("synth.lr=1e39", "float32's largest), got 1e+39"),
                           ("synth.bn_weight=.nan", "'synth.bn_weight' must be a number >= 0"),
                           ("synth.jitter=16", "keep it below the image size (16), got 16")):
         fails(*base, "--out", str(out), "--set", setting, says=says)

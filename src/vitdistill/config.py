@@ -269,11 +269,19 @@ def _above(low: float) -> tuple:
     return (lambda v: math.isfinite(v) and v > low), f"a number > {low:g}"
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _rate() -> tuple:
+    """A learning rate: optimizers keep it as a float32 step (a larger one overflows in the first step)."""
+    return (lambda v: math.isfinite(v) and 0 < v < _FLOAT32_MAX), "a number > 0 and below 3.4e38 (float32's largest)"
+
+
 # Ranges of the plain numeric keys (None passes where a key allows it), checked when the config
 # is built: before a run folder exists, and in words rather than as an error from deep in torch.
 _RANGES: dict[tuple[str, str], tuple] = {
     ("train", "epochs"): _at_least(1), ("train", "batch_size"): _at_least(1),
-    ("train", "accum_steps"): _at_least(1), ("train", "lr"): _above(0),
+    ("train", "accum_steps"): _at_least(1), ("train", "lr"): _rate(),
     ("train", "min_lr"): _at_least(0), ("train", "weight_decay"): _at_least(0),
     ("train", "warmup_epochs"): _at_least(0), ("train", "clip_grad"): _above(0),
     ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
@@ -282,7 +290,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("data", "test_limit"): _at_least(1),
     # synthesize: finite numbers (a NaN weight or rate passed `< 0` checks and made black images)
     ("synth", "images"): _at_least(1), ("synth", "batch_size"): _at_least(2), ("synth", "iters"): _at_least(1),
-    ("synth", "lr"): _above(0), ("synth", "bn_weight"): _at_least(0), ("synth", "first_bn_scale"): _at_least(0),
+    ("synth", "lr"): _rate(), ("synth", "bn_weight"): _at_least(0), ("synth", "first_bn_scale"): _at_least(0),
     ("synth", "tv_weight"): _at_least(0), ("synth", "l2_weight"): _at_least(0), ("synth", "jitter"): _at_least(0),
     ("synth", "init_std"): _at_least(0), ("synth", "base_size"): _at_least(1),
     ("synth", "competition_weight"): _at_least(0), ("synth", "competition_tau"): _above(0),
