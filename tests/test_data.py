@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +215,8 @@ def test_unknown_source_suggests_closest() -> None:
         load_data("mnist5k:/tmp")
 
 
-def test_disk_cache_is_reused_and_rebuilt_when_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_cache_is_reused_and_rebuilt_when_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
     folder = _make_folder(tmp_path / "ds")
     cache = tmp_path / "cache"
     first = load_data(f"imagefolder:{folder}", cache_dir=cache)
@@ -235,13 +235,23 @@ def test_disk_cache_is_reused_and_rebuilt_when_corrupt(tmp_path: Path, monkeypat
 
     file.write_bytes(file.read_bytes()[:100])  # truncated cache
     monkeypatch.setattr(imagefolder, "decode_image", real_decode)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        third = load_data(f"imagefolder:{folder}", cache_dir=cache)
-    assert any("rebuilding" in str(w.message) for w in caught)
+    capsys.readouterr()
+    third = load_data(f"imagefolder:{folder}", cache_dir=cache)
+    said = capsys.readouterr().err.strip().splitlines()  # one note line, not a Python warning's two
+    assert len(said) == 1 and said[0].startswith("note: ignoring the unreadable data cache") and "rebuilding" in said[0]
     assert torch.equal(first.test.images, third.test.images)
     monkeypatch.setattr(imagefolder, "decode_image", no_decode)
     assert torch.equal(load_data(f"imagefolder:{folder}", cache_dir=cache).test.labels, first.test.labels)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = _make_folder(tmp_path / "ds")
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder should be")
+    data = load_data(f"imagefolder:{folder}", cache_dir=cache)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(data.train) > 0 and len(said) == 1 and said[0].startswith("note: could not write the data cache")
+    assert "VITDISTILL_CACHE" in said[0]
 
 
 def test_interrupted_cache_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

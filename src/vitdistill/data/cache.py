@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,9 @@ def load_cached(path: Path, fp: str) -> Dataset | None:
             hflip=meta["hflip"] == "true",
         )
     except Exception as e:  # any unreadable cache is rebuilt, whatever the reason
-        warnings.warn(f"ignoring unreadable data cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=3)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"note: ignoring the unreadable data cache {path} ({type(e).__name__}: {why}); rebuilding it",
+              file=sys.stderr, flush=True)
         return None
 
 
@@ -102,7 +104,9 @@ def save_cached(path: Path, ds: Dataset) -> None:
         os.replace(tmp, path)
         tmp = None
     except Exception as e:  # disk full, read-only cache dir, ...: the data in memory is still good
-        warnings.warn(f"could not write data cache {path} ({e}); data will be decoded again next time", stacklevel=3)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"note: could not write the data cache {path} ({why}); the data will be decoded again next time "
+              "(set VITDISTILL_CACHE to a writable folder)", file=sys.stderr, flush=True)
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
