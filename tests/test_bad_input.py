@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli, run_cli_fast, run_cli_here
+from vitdistill.errors import UserError
 
 
 def _fails(*args: str, says: str) -> None:
@@ -35,7 +36,7 @@ def _train(out: Path, *extra: str) -> list[str]:
     ("train.clip_grad=0", "'train.clip_grad' must be a number > 0"),
     ("train.label_smoothing=2", "'train.label_smoothing' must be a number in [0, 1)"),
     ("train.eval_batch_size=0", "'train.eval_batch_size' must be a number >= 1"),
-    ("train.threads=-3", "'train.threads' must be a number >= 1"),
+    ("train.threads=-3", "'train.threads' must be a number from 1 to 1024"),
     ("train.stop_after=-1", "'train.stop_after' must be a number >= 1"),
     ("train.seed=-2", "'train.seed' must be a whole number from 0 to 2**63 - 1"),
     ("train.seed=99999999999999999999", "'train.seed' must be a whole number from 0 to 2**63 - 1"),
@@ -501,3 +502,36 @@ def test_a_model_too_large_for_memory_names_the_image_size(monkeypatch: pytest.M
     monkeypatch.setattr(factory, "_timm_create", refuse)
     with pytest.raises(UserError, match=r"not enough memory to build 'vit_femto_patch4_16' for 100000-px images"):
         factory.create_model("vit_femto_patch4_16", 10, 100000)
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("train.threads=100000", "'train.threads' must be a number from 1 to 1024"),
+    ("train.batch_size=99999999999999999999", "'train.batch_size' must be below 2**31"),
+    ("train.epochs=3000000000", "'train.epochs' must be below 2**31"),
+])
+def test_counts_torch_cannot_hold_are_refused(tmp_path: Path, setting: str, says: str) -> None:
+    # before: the C-int overflow or the thread pool's mmap failure, in a traceback, with a folder left
+    _fails(*_train(tmp_path / "run", "--set", setting), says=says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_other_commands_do_not_write_into_a_training_run(teacher_run: Path, tmp_path: Path) -> None:
+    before = sorted(p.name for p in teacher_run.iterdir())
+    _fails("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run),
+           "--cache", str(teacher_run), *TINY, says="holds a training run; pass --cache to a new folder")
+    _fails("demo", "--out", str(teacher_run), "--scale", "0.01", says="holds a training run; pass --out")
+    assert sorted(p.name for p in teacher_run.iterdir()) == before
+
+
+def test_an_unreadable_weights_file_says_permission_denied(teacher_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitdistill.models import factory
+
+    monkeypatch.setattr(factory.os, "access", lambda path, mode: False)  # root reads any file, so pretend
+    with pytest.raises(UserError, match="permission denied; check the file's permissions"):
+        factory.read_state_dict(str(teacher_run / "model.safetensors"))
+
+
+def test_compare_takes_dry_run_or_report_only_not_both(tmp_path: Path) -> None:
+    r = run_cli("compare", "--dry-run", "--report-only", "--out", str(tmp_path / "g"))
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "g").exists()

@@ -296,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override for every run, e.g. --set train.epochs=3 or compare.seeds=[0] (repeatable)")
     p.add_argument("--out", help="the compare folder (default: the config's out, else runs/compare-<config name>)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (teacher, caches, runs and their state)")
-    p.add_argument("--report-only", action="store_true",
+    only = p.add_mutually_exclusive_group()  # a plan that writes nothing, or a report that trains nothing
+    only.add_argument("--dry-run", action="store_true", help="print the plan (teacher, caches, runs and their state)")
+    only.add_argument("--report-only", action="store_true",
                    help="rebuild the leaderboard from the finished runs in --out; trains nothing")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bar (the k/N lines stay)")
     p.add_argument("--shard", metavar="K/N",

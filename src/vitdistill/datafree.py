@@ -229,8 +229,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
 
     out = Path(out)
     io.check_folder(out)
-    if any((out / f).exists() for f in ("checkpoint.pt", "summary.json", "metrics.jsonl")):
-        raise UserError(f"'{out}' holds a training run; pass --out to a new folder for the synthetic data set")
+    io.refuse_run_folder(out, "--out", "the synthetic data set")
     if cfg.data.source.partition(":")[0].strip().lower() == "synthetic":
         raise UserError("synthesize --data names the real data set the images stand for (its classes, size "
                         "and test split), not a synthetic one; e.g. --data digits or --data cifar10:DIR")

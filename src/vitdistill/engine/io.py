@@ -38,6 +38,15 @@ def check_folder(path: str | Path, flag: str = "--out") -> None:
             return
 
 
+RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl")
+
+
+def refuse_run_folder(path: str | Path, flag: str, what: str) -> None:
+    """One-line error when ``path`` is a training run's folder, which another command's files would mix into."""
+    if any((Path(path) / f).exists() for f in RUN_FILES):
+        raise UserError(f"{flag} '{path}' holds a training run; pass {flag} to a new folder for {what}")
+
+
 def _probe(folder: Path, path: Path, flag: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".vitdistill-probe.")

@@ -5,6 +5,7 @@ is rebuilt by ``timm.create_model(spec["name"], **spec["kwargs"])`` with no vitd
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,8 @@ def resolve_weights_path(path: str) -> Path:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read weights without executing pickled code (safetensors, or torch with weights_only=True)."""
     p = resolve_weights_path(path)
+    if not os.access(p, os.R_OK):  # safetensors reports a file it may not open as not found
+        raise UserError(f"cannot read weights '{p}': permission denied; check the file's permissions")
     try:
         if p.suffix == ".safetensors":
             return load_file(str(p))
