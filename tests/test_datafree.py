@@ -238,6 +238,10 @@ def test_settings_a_range_check_missed_and_folders_of_the_other_kind(digits_teac
                           ("synth.jitter=16", "keep it below the image size (16), got 16")):
         fails(*base, "--out", str(out), "--set", setting, says=says)
     assert not out.exists()
+    # a finite weight whose loss overflows: before, exit 0 with black images and NaN in synth.json
+    fails(*base, "--out", str(out), "--set", "synth.tv_weight=1e308", says="the synthesis loss (loss")
+    assert not (out / "synth.json").exists() and not (out / "images.safetensors").exists()
+    assert not list(out.glob("parts/*.safetensors"))
 
     run = tmp_path / "run"
     assert run_cli_fast("train", "--model", "vit_femto_patch4_16", "--epochs", "1", "--set", "data.train_limit=64",

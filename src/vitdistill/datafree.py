@@ -269,6 +269,11 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
                                          seed=cfg.train.seed * 1_000_003 + b, device=device, bar=bar,
                                          student=student)
             took = time.perf_counter() - t0
+            bad = [k for k, v in last.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:  # the pixels went NaN and clamp to black: an image set of nothing, said in one line
+                raise UserError(f"the synthesis loss ({', '.join(bad)}) became {last[bad[0]]} in batch {b + 1}; "
+                                "lower synth.lr or the regularizer weights (synth.tv_weight, synth.l2_weight, "
+                                "synth.bn_weight); that batch was not saved")
             io.write_safetensors(part, {"images": img, "labels": y}, {"settings": settings, "seconds": f"{took:.3f}"})
             got = (img, y, took)
         else:
