@@ -197,9 +197,9 @@ class _Loader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str | int | float | bool) and key is not None:  # `? [a, b]`: a list as key
+                line = key_node.start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a name, not a {type(key).__name__} (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
+                    None, None, f"a key must be a name, not a {type(key).__name__} (line {line})", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' is given twice (line {key_node.start_mark.line + 1})",
@@ -285,7 +285,9 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("train", "min_lr"): _at_least(0), ("train", "weight_decay"): _at_least(0),
     ("train", "warmup_epochs"): _at_least(0), ("train", "clip_grad"): _above(0),
     ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
-    ("train", "eval_batch_size"): _at_least(1), ("train", "threads"): ((lambda v: 1 <= v <= 1024), "a number from 1 to 1024"), ("train", "seed"): ((lambda v: 0 <= v < 2**63), "a whole number from 0 to 2**63 - 1"),
+    ("train", "eval_batch_size"): _at_least(1),
+    ("train", "threads"): ((lambda v: 1 <= v <= 1024), "a number from 1 to 1024"),
+    ("train", "seed"): ((lambda v: 0 <= v < 2**63), "a whole number from 0 to 2**63 - 1"),
     ("train", "stop_after"): _at_least(1), ("data", "pad"): _at_least(0), ("data", "train_limit"): _at_least(1),
     ("data", "test_limit"): _at_least(1),
     # synthesize: finite numbers (a NaN weight or rate passed `< 0` checks and made black images)
@@ -308,7 +310,8 @@ def check_ranges(cfg: Config) -> None:
             raise UserError(f"config key '{section}.{key}' must be {what}, got {value!r}; fix it in the config or --set")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31 and key != "seed":
             # counts and sizes reach torch and numpy as C ints, which overflow in a traceback
-            raise UserError(f"config key '{section}.{key}' must be below 2**31, got {value}; fix it in the config or --set")
+            raise UserError(f"config key '{section}.{key}' must be below 2**31, got {value}; fix it in the config "
+                            "or --set")
     if cfg.train.min_lr > cfg.train.lr:  # the cosine would climb from lr up to min_lr
         raise UserError(f"train.min_lr {cfg.train.min_lr:g} is above train.lr {cfg.train.lr:g}; the schedule decays "
                         "from lr down to min_lr, so set min_lr at most lr (e.g. --set train.min_lr=0)")

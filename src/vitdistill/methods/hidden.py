@@ -98,7 +98,8 @@ class HiddenDistill(Method):
         if teacher.kind != "vit":
             if self.tokens in ("all", "cls"):
                 raise UserError(f"method '{self.name}' with tokens={self.tokens} needs a ViT teacher, and "
-                                f"{teacher.name} gives feature maps, not tokens (a CNN or Swin); set method.tokens=patch (or auto) to compare "
+                                f"{teacher.name} gives feature maps, not tokens (a CNN or Swin); set "
+                                "method.tokens=patch (or auto) to compare "
                                 "patch tokens with the CNN's map pooled to the student's grid")
             return "patch"
         s_len, t_len = student.layer(self.pairs[0][0]).shape[0], teacher.layer(self.pairs[0][1]).shape[0]
