@@ -54,6 +54,11 @@ def _train(out: Path, *extra: str) -> list[str]:
     ("model.student_kwargs.num_classes=5", "num_classes=5 in model.*_kwargs but the data has 10 classes"),
     ("model.student_kwargs.drop_path_rate=5", "drop_path_rate=5 in model.*_kwargs; a drop rate is a number in [0, 1]"),
     ("model.student_kwargs.attn_drop_rate=-0.1", "attn_drop_rate=-0.1 in model.*_kwargs"),
+    # timm drops None kwargs, so a misspelt key set to null trained the default model with exit 0
+    ("model.student_kwargs={nosuch: null}", "nosuch=null in model.*_kwargs, which timm ignores"),
+    # a bare path is not an unknown source name (it was lowercased and listed beside the names)
+    ("data.source=/tmp/No/Such", "data source '/tmp/No/Such' is a path without its kind; write "
+                                 "imagefolder:/tmp/No/Such"),
 ])
 def test_out_of_range_settings_are_refused_before_a_run_folder_exists(tmp_path: Path, setting: str, says: str) -> None:
     _fails(*_train(tmp_path / "run", "--set", setting), says=says)
@@ -202,6 +207,9 @@ def test_eval_and_profile_sizes_and_paths(teacher_run: Path, tmp_path: Path) -> 
     (damaged / "summary.json").write_text('{"a": 1}')
     _fails("profile", "--model", str(damaged), says="summary.json' is damaged")
     _fails("profile", "--model", str(tmp_path), says="is not a run directory (no config.yaml)")
+    # Path("") is '.', which was named as the run directory that is not one
+    _fails("profile", "--model", "", says="--model is empty; give a model name")
+    _fails("eval", "--student", "", says="--student is empty; give a run directory")
 
 
 def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:

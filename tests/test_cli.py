@@ -196,6 +196,10 @@ def test_resume_refuses_other_config(tmp_path: Path) -> None:
     assert run_cli_fast(*args).returncode == 0
     _one_line_error(run_cli_fast(*args), "already holds a run", "--resume")
     _one_line_error(run_cli_fast(*args, "--resume", "--lr", "0.5"), "cannot resume", "train.lr")
+    # a train run resumed by distill would have written student.safetensors beside its model.safetensors
+    distill = ["distill", "--student", "vit_femto_patch4_16", "--method", "none", *args[3:]]
+    _one_line_error(run_cli_fast(*distill, "--resume"), "with `distill`: it is a `train` run",
+                    "vitdistill train --resume")
 
 
 def test_keys_added_after_a_run_began_do_not_block_its_resume() -> None:
@@ -220,6 +224,9 @@ def test_a_method_knob_left_at_its_default_then_set_on_resume_blocks_it() -> Non
     assert _first_difference(_comparable(same), _comparable(then)) == ""
     now = build_config([{"method": {"name": "dkd", "beta": 2.0}}]).to_dict()
     assert _first_difference(_comparable(now), _comparable(then)) == "method.beta: 8.0 then, 2.0 now"
+    # another method is named as such, not by the first of its knobs the alphabet reaches
+    other = build_config([{"method": {"name": "logit-kd"}}]).to_dict()
+    assert _first_difference(_comparable(other), _comparable(then)) == "method.name: 'dkd' then, 'logit-kd' now"
     # tuple and None defaults compare with the lists and nulls a saved JSON config holds
     attn = build_config([{"method": {"name": "attention", "student_layers": None}}]).to_dict()
     assert _first_difference(_comparable(attn), _comparable(json.loads(json.dumps(attn)))) == ""

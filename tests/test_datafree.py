@@ -199,6 +199,11 @@ def test_bad_inputs_end_in_one_line(digits_teacher: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "vit").exists() and not (tmp_path / "few").exists()
     fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.bn_wieght=1", says="did you mean 'bn_weight'")
     fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.base_size=17", says="synth.base_size must lie")
+    # a student path that is not there is named as such, not as a missing --student
+    fails(*base, "--out", str(tmp_path / "x"), "--set", "synth.competition_weight=0.2", "--student",
+          str(tmp_path / "no-run"), says=f"--student '{tmp_path / 'no-run'}' does not exist; give a run directory or "
+          "a model name with --student-weights")
+    assert not (tmp_path / "x").exists()
 
     fails("train", "--data", f"synthetic:{tmp_path / 'nothing'}", "--model", "vit_femto_patch4_16",
           "--out", str(tmp_path / "r"), says="does not exist")

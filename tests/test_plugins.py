@@ -130,11 +130,15 @@ def test_an_installed_entry_point_is_loaded(tmp_path: Path) -> None:
     ("no_such_module_xyz", "plugin 'no_such_module_xyz' cannot be imported (No module named 'no_such_module_xyz')"),
     ("raises.py", "plugin '{tmp}/raises.py' failed on import: ZeroDivisionError: division by zero; fix the file"),
     ("clash.py", "failed on import: ValueError: method 'logit-kd' is registered twice"),
+    # a folder: by path it was a file that "does not exist"; by name, a module that cannot be found
+    ("kd/", "plugin '{tmp}/kd' is a folder; name the .py file in it"),
+    ("kd", "'kd' is a folder here: name the .py file in it"),
 ])
 def test_bad_plugins_are_one_line(registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plugin: str,
                                   says: str) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "raises.py").write_text("1 / 0\n")
+    (tmp_path / "kd").mkdir()
     (tmp_path / "clash.py").write_text(EXAMPLE.read_text().replace('register("logit-l2")', 'register("logit-kd")'))
     for args in (["methods", "--plugin", plugin],
                  ["train", "--epochs", "1", "--out", "r", "--set", f"plugins=[{plugin}]"]):
@@ -144,3 +148,16 @@ def test_bad_plugins_are_one_line(registry, tmp_path: Path, monkeypatch: pytest.
     assert not (tmp_path / "r").exists()
     r = run_cli_fast("train", "--epochs", "1", "--out", "r", "--set", "plugins={a: 1}")
     assert r.returncode == 2 and "config key 'plugins' expects a list of module names or .py files" in r.stderr
+
+
+def test_a_plugin_method_that_fails_to_start_is_one_line(registry, tmp_path: Path) -> None:
+    plugin = tmp_path / "bad_init.py"
+    plugin.write_text(EXAMPLE.read_text().replace('register("logit-l2")', 'register("bad-init")').replace(
+        'name = "logit-l2"', 'name = "bad-init"').replace("super().__init__(", "raise RuntimeError('no kernel')\n"
+                                                          "        super().__init__("))
+    r = run_cli_fast("distill", "--plugin", str(plugin), "--student", "vit_femto_patch4_16", "--method", "bad-init",
+                     "--epochs", "1", "--out", str(tmp_path / "r"), *TINY)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "method 'bad-init' failed to start: RuntimeError: no kernel (at " in r.stderr
+    assert f"{plugin}:" in r.stderr and r.stderr.rstrip().endswith("fix the plugin")
+    assert not (tmp_path / "r").exists()

@@ -123,6 +123,21 @@ def test_float16_topk_within_rounding(teacher_run: Path, tmp_path: Path, capsys:
         teacher_side(cfg, data, build_method({"name": "logit-kd", "tau": tau}), torch.device("cpu"))
         said = capsys.readouterr().err
         assert ("keeps the top 3 of 10 classes" in said and "--topk 10" in said) is noted, said
+    # a cache without its test logits: scored live when the teacher is named beside it, else a note says
+    # why summary.json has no teacher figures (they were null with nothing said)
+    live = teacher_side(cfg, data, build_method({"name": "logit-kd"}), torch.device("cpu")).test_logits
+    (tmp_path / "c16" / "test.safetensors").unlink()
+    side = teacher_side(cfg, data, build_method({"name": "logit-kd"}), torch.device("cpu"))
+    assert side.test_logits is not None and torch.allclose(side.test_logits, live, atol=1e-3)
+    assert "no teacher logits" not in capsys.readouterr().err
+    cfg.model.teacher = cfg.model.teacher_weights = None
+    assert teacher_side(cfg, data, build_method({"name": "logit-kd"}), torch.device("cpu")).test_logits is None
+    assert "holds no teacher logits for this test split" in capsys.readouterr().err
+    # a --topk past the class count keeps every class, and says so rather than clip unseen
+    cfg.model.teacher, cfg.model.teacher_weights, cfg.cache.dir = "resnet_micro_cnn", str(teacher_run), None
+    cfg.cache.topk, cfg.train.epochs = 99, 1
+    assert cache_teacher(cfg, str(tmp_path / "c99"))["bytes_per_sample_epoch"] == 10 * (2 + 1)
+    assert "--topk 99 is more than the 10 classes; the cache keeps all 10" in capsys.readouterr().err
 
 
 def test_resume_after_interruption(teacher_run: Path, tmp_path: Path) -> None:

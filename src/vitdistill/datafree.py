@@ -315,10 +315,11 @@ def _competing_student(cfg: Config, device: torch.device) -> tuple[Callable[[tor
     from vitdistill.teacher_cache import state_hash
 
     name, weights = cfg.model.student, cfg.model.student_weights
-    if not Path(name).is_dir() and not weights:
+    # a path that is not a run goes on to load_student, which names the missing folder
+    if not Path(name).is_dir() and not weights and "/" not in name:
         raise UserError("synth.competition_weight > 0 competes with a trained student; give --student RUN (a run "
                         "directory) or --student NAME --student-weights FILE")
-    _, _, _, model = load_student(name, weights, cfg.data.source, "synthesize")
+    _, _, _, model = load_student(name, weights, cfg.data.source, "synthesize", "--student-weights")
     model.to(device).eval().requires_grad_(False)
     prep = InputPrep.for_model(model).to(device)
     return (lambda images: model(prep(images))), state_hash(model)

@@ -38,22 +38,26 @@ def _build(name: str, num_classes: int, img_size: int | None, kwargs: dict, weig
     return model
 
 
-def load_student(student: str, weights: str | None, data_spec: str | None,
-                 command: str) -> tuple[str, Config, Dataset, torch.nn.Module]:
+def load_student(student: str, weights: str | None, data_spec: str | None, command: str,
+                 weights_flag: str = "--weights") -> tuple[str, Config, Dataset, torch.nn.Module]:
     """(name, config, data, model) for ``--student`` given as a run directory or as a model name
     with ``--weights`` and ``--data``. A run directory gives the architecture, the data and (unless
     ``--weights`` gives others, e.g. another run's of the same model) the weights; its test subset
     (``data.test_limit``) holds for its own data, while ``--data`` means that source's whole test split."""
+    if not student.strip():  # Path("") is the current folder, which would be named as '.'
+        raise UserError(f"--student is empty; give a run directory or a model name with {weights_flag}")
     run_dir = Path(student)
     run_cfg = None
     if "/" in student and ":" not in student and not run_dir.exists():  # a path (hub names hold a colon)
-        raise UserError(f"--student '{student}' does not exist; give a run directory or a model name with --weights")
+        raise UserError(f"--student '{student}' does not exist; give a run directory or a model name with "
+                        f"{weights_flag}")
     if run_dir.is_dir():
         cfg = run_cfg = _run_config(run_dir)
         name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, weights or str(run_dir)
     else:
         if not weights:
-            raise UserError(f"{command} needs --weights FILE with a model name (or pass a run directory as --student)")
+            raise UserError(f"{command} needs {weights_flag} FILE with a model name (or pass a run directory as "
+                            "--student)")
         if not data_spec:
             raise UserError(f"{command} needs --data with a model name (or pass a run directory as --student)")
         cfg, name, kwargs = Config(), student, {}
@@ -91,6 +95,8 @@ def profile_cli(args: argparse.Namespace) -> dict:
     for flag, value in (("--img-size", args.img_size), ("--num-classes", args.num_classes), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: give at least 1")
+    if not args.model.strip():
+        raise UserError("--model is empty; give a model name (`vitdistill models` lists them) or a run directory")
     run_dir = Path(args.model)
     num_classes, kwargs, name = args.num_classes, {}, args.model
     img_size = args.img_size

@@ -64,6 +64,10 @@ def _load(spec: str) -> ModuleType:
         return _loaded[spec]
     if not spec:
         raise UserError("a plugin name is empty; give a module name (mylab.kd) or a .py file")
+    folder = ("the .py file in it that registers your method, or put the folder above it on PYTHONPATH and give "
+              "the module name (mylab.kd)")
+    if is_file(spec) and Path(spec).expanduser().is_dir():  # a folder is no file to import
+        raise UserError(f"plugin '{spec}' is a folder; name {folder}")
     if is_file(spec):
         path = Path(spec)
         if not path.is_file():
@@ -72,8 +76,10 @@ def _load(spec: str) -> ModuleType:
         name = f"vitdistill_plugin_{path.stem}_{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
         module = _guard(f"plugin '{spec}'", lambda: _import_file(name, path), "fix the file")
     else:
-        module = _guard(f"plugin '{spec}'", lambda: importlib.import_module(spec),
-                        "install it, or put its folder on PYTHONPATH, or name its .py file")
+        # a package folder here imports when its parent is on PYTHONPATH, so the folder is tried first
+        fix = (f"'{spec}' is a folder here: name {folder}" if Path(spec).is_dir()
+               else "install it, or put its folder on PYTHONPATH, or name its .py file")
+        module = _guard(f"plugin '{spec}'", lambda: importlib.import_module(spec), fix)
     _loaded[spec] = module
     return module
 

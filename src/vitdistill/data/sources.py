@@ -61,10 +61,13 @@ def load_data(
     ``cache_dir`` defaults to ``$VITDISTILL_CACHE`` or ``~/.cache/vitdistill``.
     """
     kind, _, arg = str(spec).partition(":")
-    kind = kind.strip().lower()
+    given, kind = kind.strip(), kind.strip().lower()
     if kind not in DATA_SOURCES:
+        if "/" in given or "\\" in given or Path(given).expanduser().exists():  # a bare path: say how to name it
+            raise UserError(f"data source '{spec}' is a path without its kind; write imagefolder:{spec} for a folder "
+                            f"or archive of class folders, or cifar10:{spec} for torchvision's CIFAR-10 files")
         raise UserError(
-            f"unknown data source '{kind}'{did_you_mean(kind, DATA_SOURCES)}; choose one of {', '.join(DATA_SOURCES)}")
+            f"unknown data source '{given}'{did_you_mean(kind, DATA_SOURCES)}; choose one of {', '.join(DATA_SOURCES)}")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise UserError(f"data.img_size must be a positive integer, got {img_size!r}")
     if not 0.0 < float(val_fraction) < 1.0:

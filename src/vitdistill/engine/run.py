@@ -92,7 +92,8 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     A key of ``a`` missing from ``b`` was added to vitdistill after the run began (the speed keys of
     ``train``, or a whole section such as ``synth``); it cannot have been chosen then, so it does not
     block the resume."""
-    for key in sorted(set(a) | set(b)):
+    # a changed method or model is named by its name, not by the first knob that differs with it
+    for key in sorted(set(a) | set(b), key=lambda k: (k not in ("name", "student", "teacher"), k)):
         if key in a and key not in b:
             continue
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
@@ -189,6 +190,10 @@ def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> 
     start_epoch, wall_before = 0, 0.0
     if resume and exists:  # every rank loads the checkpoint (the run directory is shared)
         state = _read_checkpoint(ckpt_path)
+        if state.get("mode", mode) != mode:  # checkpoints from before the mode was kept carry none
+            other = "model.safetensors" if state["mode"] == "train" else "student.safetensors"
+            raise UserError(f"cannot resume '{out}' with `{mode}`: it is a `{state['mode']}` run (it writes {other}); "
+                            f"resume it with `vitdistill {state['mode']} --resume`, or choose a new --out")
         saved = relocate_paths(json.loads(state["config"]), relocated)
         diff = _first_difference(_comparable(resolved), _comparable(saved))
         if diff:
@@ -263,7 +268,7 @@ def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> 
             io.write_torch(ckpt_path, {
                 "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
-                "config": json.dumps(resolved), **({"ema": ema.state_dict()} if ema is not None else {}),
+                "config": json.dumps(resolved), "mode": mode, **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < cfg.train.epochs:
             if dist.is_main():

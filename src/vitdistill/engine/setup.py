@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vitdistill.config import Config
+from vitdistill.config import CacheConfig, Config
 from vitdistill.data import DataSplit, Dataset, load_data
 from vitdistill.engine import distributed as dist
 from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
@@ -243,6 +243,14 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
     # made for another test subset: no teacher figures rather than wrong ones
     tests = [c.test_logits() for c in caches]
     tests = [x if x is not None and len(x) == len(data.test) else None for x in tests]
+    if teachers:  # the teachers were named beside their caches: score the split live where a cache cannot
+        tests = [x if x is not None else dist.predict(lambda b, t=t: t(b)["logits"], data.test,
+                                                        cfg.train.eval_batch_size, device)
+                 for x, t in zip(tests, teachers)]
+    if tests[0] is None and dist.is_main():
+        print(f"note: the cache '{caches[0].dir}' holds no teacher logits for this test split (test.safetensors is "
+              "missing, or was made for another data.test_limit), so summary.json gives no teacher top-1 or "
+              "agreement; write the cache again with cache-teacher to have them", file=sys.stderr, flush=True)
     each = tests if len(tests) > 1 and all(x is not None for x in tests) else []
     return TeacherSide(source, tests[0], teacher, spec, teachers, each,  # type: ignore[arg-type]
                        [c.header["teacher"] for c in caches])
@@ -293,6 +301,9 @@ def _cache_teacher(cfg: Config, cache_dir: str) -> dict:
     with dist.local_main_first():  # one decode per node; the node's other processes read its cache
         data = load_run_data(cfg)
     teachers, _ = build_teachers(cfg, data, "cache-teacher")
+    if cfg.cache.topk > data.num_classes and cfg.cache.topk != CacheConfig.topk and dist.is_main():
+        print(f"note: --topk {cfg.cache.topk} is more than the {data.num_classes} classes; the cache keeps all "
+              f"{data.num_classes} logits of each sample", file=sys.stderr, flush=True)
     dirs = split_dirs(cache_dir)
     if len(dirs) != len(teachers):
         raise UserError(f"{len(teachers)} teachers but {len(dirs)} cache folders; give one folder per teacher, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import traceback
 from typing import ClassVar
 
 import torch
@@ -156,8 +157,17 @@ def build_method(options: dict, label_smoothing: float = 0.0) -> Method:
             raise UserError(f"method.{key} of '{cls.name}' expects a word, got {value!r}")
     try:
         return cls(label_smoothing=label_smoothing, **options)
+    except UserError:
+        raise
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad knob for method '{cls.name}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's own code; a built-in method's failure is a bug to show
+        if cls.__module__.startswith("vitdistill."):
+            raise
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        first = (str(exc).splitlines() or [""])[0]
+        raise UserError(f"method '{cls.name}' failed to start: {type(exc).__name__}: {first} "
+                        f"(at {where.filename}:{where.lineno}); fix the plugin") from None
 
 
 def method_knobs(cls: type[Method]) -> dict[str, object]:

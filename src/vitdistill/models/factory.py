@@ -136,6 +136,10 @@ def _check_overrides(name: str, num_classes: int, overrides: dict) -> None:
     """What timm would take and fail on only later, deep in training: a head of another size than the
     data's classes (the loss indexes past it), and drop rates outside [0, 1] (timm spreads a stochastic
     depth rate over the blocks and the first forward raises)."""
+    empty = sorted(k for k, v in overrides.items() if v is None)
+    if empty:  # timm.create_model drops None kwargs, so a misspelt key set to null would pass unseen
+        raise UserError(f"'{name}' is given {', '.join(f'{k}=null' for k in empty)} in model.*_kwargs, which timm "
+                        "ignores; give a value or drop the key to keep the model's default")
     given = overrides.get("num_classes")
     if given is not None and given != num_classes:
         raise UserError(f"'{name}' is given num_classes={given!r} in model.*_kwargs but the data has {num_classes} "
