@@ -76,7 +76,7 @@ def _load(spec: str) -> ModuleType:
         name = f"vitdistill_plugin_{path.stem}_{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
         module = _guard(f"plugin '{spec}'", lambda: _import_file(name, path), "fix the file")
     else:
-        # a package folder here imports when its parent is on PYTHONPATH, so the folder is tried first
+        # a package folder here may still import (its parent on PYTHONPATH): import first, explain on failure
         fix = (f"'{spec}' is a folder here: name {folder}" if Path(spec).is_dir()
                else "install it, or put its folder on PYTHONPATH, or name its .py file")
         module = _guard(f"plugin '{spec}'", lambda: importlib.import_module(spec), fix)
