@@ -20,9 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/vitdistill demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Every test runs at one torch thread (tests/conftest.py), so one pytest worker per core; a file's
+# tests stay on one worker, which keeps its module fixtures from being built twice.
 test: $(STAMP)
 	sh tools/ensure-chromium.sh
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
