@@ -80,6 +80,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # from 0.35), then random erasing on a quarter of the samples; where a crop or a box leaves a
     # digit ambiguous, the teacher's decision can differ from the label for a reason.
     "rrc": {"teacher": {"data": {"crop_scale": 0.35}}, "students": {"data": {"crop_scale": 0.35}}},
+    # smaller crops (area share from 0.2 and 0.1) at the demo's epochs: more views where the
+    # label no longer shows, which a teacher's decision can correct and a label cannot
+    **{f"rrc{int(a * 100)}": {"teacher": {"data": {"crop_scale": a}}, "students": {"data": {"crop_scale": a}}}
+       for a in (0.2, 0.1)},
     "rrc-erase": {"teacher": {"data": {"crop_scale": 0.35, "erase_prob": 0.25}},
                   "students": {"data": {"crop_scale": 0.35, "erase_prob": 0.25}}},
     "rrc-e60": {"teacher": {"data": {"crop_scale": 0.35}},
