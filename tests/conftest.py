@@ -94,3 +94,18 @@ def check_distill_and_resume(tmp_path: Path, args: list[str]) -> dict:
     keys = [k for k in a[-1] if k.startswith(("loss", "train_loss", "test_"))]
     assert [[row[k] for k in keys] for row in a] == [[row[k] for k in keys] for row in b]
     return json.loads((straight / "summary.json").read_text())
+
+
+def load_run_model_top1(run: Path) -> float:
+    """Top-1 on the run's own test split of the model that ``vitdistill.evaluation.load_run_model``
+    rebuilds from the run directory alone (the Python way back documented in docs/usage.md)."""
+    from vitdistill.config import build_config, load_yaml
+    from vitdistill.engine.setup import load_run_data
+    from vitdistill.evaluation import load_run_model
+    from vitdistill.models import InputPrep
+
+    model = load_run_model(run)
+    data = load_run_data(build_config([load_yaml(run / "config.yaml")]))
+    with torch.no_grad():
+        logits = model(InputPrep.for_model(model)(data.test.images))
+    return (logits.argmax(1) == data.test.labels).float().mean().item()

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, check_distill_and_resume, run_cli_fast
+from conftest import TINY, check_distill_and_resume, load_run_model_top1, run_cli_fast
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.methods.coadvise import MultiTokenViT
@@ -223,6 +223,7 @@ def test_cnn_and_involution_teachers_distill_resume_and_eval(teacher_run: Path, 
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout.strip().splitlines()[-1])
     assert (ev["top1"], ev["top5"]) == (summary["student_top1"], rows[-1]["test_top5"])
+    assert load_run_model_top1(tmp_path / "straight") == pytest.approx(summary["student_top1"], abs=1e-6)
 
 
 def test_a_teacher_count_other_than_the_knob_is_one_line(teacher_run: Path, inv_teacher_run: Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_distill_and_resume, distill_args, run_cli_fast
+from conftest import check_distill_and_resume, distill_args, load_run_model_top1, run_cli_fast
 from safetensors.torch import load_file, save_file
 
 from vitdistill.errors import UserError
@@ -335,6 +335,8 @@ def test_distill_resume_eval_and_profile(tmp_path: Path, vit_teacher_run: Path):
     r = run_cli_fast("eval", "--student", str(run), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] == summary["student_top1"]
+    # the Python way back (docs/usage.md): the multiplexed student from the run directory alone
+    assert load_run_model_top1(run) == pytest.approx(summary["student_top1"], abs=1e-6)
 
     r = run_cli_fast("profile", "--model", str(run), "--batch", "4")
     assert r.returncode == 0, r.stderr

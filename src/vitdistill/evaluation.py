@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from vitdistill.config import Config, build_config, load_yaml
 from vitdistill.data import Dataset
@@ -15,7 +16,7 @@ from vitdistill.engine.runtime import pick_device
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.models import InputPrep, Teacher, create_model
-from vitdistill.models.factory import load_weights
+from vitdistill.models.factory import load_weights, resolve_weights_path
 from vitdistill.report.profile import profile_model
 
 
@@ -36,6 +37,25 @@ def _build(name: str, num_classes: int, img_size: int | None, kwargs: dict, weig
     if weights:
         load_weights(model, weights, name)
     return model
+
+
+def load_run_model(run_dir: str | Path) -> torch.nn.Module:
+    """The trained model of a ``train`` or ``distill`` run directory, in eval mode, without loading
+    its data: the architecture and overrides from ``config.yaml``, the class count and resolution
+    from the weights' metadata, reshaped by the run's method where it adapts students (MiniViT's
+    shared blocks, Co-advise's extra tokens), then the weights. The one way back for the students
+    timm alone cannot rebuild."""
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    path = resolve_weights_path(str(run_dir))  # a run directory always yields its .safetensors
+    try:
+        with safe_open(str(path), "pt") as f:
+            kwargs = json.loads((f.metadata() or {})["timm_kwargs"])
+    except Exception:  # noqa: BLE001 - a file without vitdistill's metadata is the same problem however it fails
+        raise UserError(f"'{path}' carries no timm_kwargs metadata; it was not written by vitdistill "
+                        "(load it with `vitdistill eval --student NAME --weights FILE --data SOURCE`)") from None
+    return _build(cfg.model.student, kwargs["num_classes"], kwargs.get("img_size"), cfg.model.student_kwargs,
+                  str(path), cfg).eval()
 
 
 def load_student(student: str, weights: str | None, data_spec: str | None, command: str,
