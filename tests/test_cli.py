@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +37,19 @@ def test_methods_and_models_list() -> None:
     assert "Touvron" in r.stdout and "Hinton" in r.stdout
     r = run_cli("models")
     assert r.returncode == 0 and "deit_femto_distilled_patch4_16" in r.stdout and "resnet_micro_cnn" in r.stdout
+
+
+def test_a_reader_that_goes_away_stops_the_listing_quietly() -> None:
+    # `vitdistill methods | head -1`: a pipe whose reading end is already closed meets every write
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        for args in (["methods"], ["models", "--timm", "deit*"]):
+            r = subprocess.run([sys.executable, "-m", "vitdistill", *args], stdout=write_end, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+            assert (r.returncode, r.stderr) == (141, ""), args
+    finally:
+        os.close(write_end)
 
 
 def test_help_for_every_command() -> None:

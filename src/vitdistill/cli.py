@@ -387,7 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         plugins.load_plugins(plugins.normalise(args.plugin or []))  # and the installed entry points
         # Under torchrun rank 0 speaks for all: the others' lines would repeat it N times.
         with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
-            return func(args)
+            code = func(args)
+            sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is met below
+            return code
+    except BrokenPipeError:
+        # stop quietly, as a Unix tool does; the interpreter's last flush must not meet the pipe again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
     except UserError as exc:
         # Every rank reports: torchrun may stop rank 0 before it prints when another rank failed first,
         # and an error met by one rank alone must not be silent.
