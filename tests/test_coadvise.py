@@ -264,6 +264,7 @@ def test_two_teacher_caches_replay_the_live_run(teacher_run: Path, inv_teacher_r
     assert _rows(tmp_path / "bare") == _rows(tmp_path / "live")
     bare = json.loads((tmp_path / "bare" / "summary.json").read_text())
     assert [(t["model"], t["top1"]) for t in bare["teachers"]] == [(t["model"], t["top1"]) for t in live["teachers"]]
+    assert bare["teacher"] == live["teacher"] == "resnet_micro_cnn,rednet_micro_inv"
 
 
 @pytest.mark.parametrize("caches, says", [

@@ -297,7 +297,8 @@ def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method,
     final = metrics[-1] if metrics else {}
     summary = {
         "mode": mode, "method": method.name, "data": cfg.data.source, "student": cfg.model.student,
-        "teacher": (cfg.model.teacher or getattr(side.source, "header", {}).get("teacher")) if side else None,
+        # a replayed cache names its teacher in its header; several caches, comma-joined like --teacher
+        "teacher": (cfg.model.teacher or ",".join(side.cache_teachers) or None) if side else None,
         "teacher_cache": cfg.cache.dir if side else None,
         "student_top1": final.get("test_top1"), "student_top5": final.get("test_top5"),
         "student_nll": final.get("test_nll"), "student_ece": final.get("test_ece"),
