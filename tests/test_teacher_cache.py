@@ -320,3 +320,44 @@ def test_a_cache_of_another_config_says_to_use_a_new_folder(teacher_run: Path, t
     with pytest.raises(UserError, match=r"made for pad=\d+, this run has 1; write this config's cache into a new "
                                         r"--cache folder \(or delete this one\)"):
         cache_teacher(cfg, str(tmp_path / "c"))
+
+
+def test_damaged_test_logits_are_named_and_rewritten(teacher_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    cfg = _cfg(teacher_run)
+    cache = tmp_path / "c"
+    cache_teacher(cfg, str(cache))
+    path = cache / "test.safetensors"
+    header = tc.read_header(cache)
+    digest = tc.header_digest(header)
+    source = tc.CachedTeacher(cache, header, torch.device("cpu"))
+    good = source.test_logits()
+    assert good is not None and good.shape == (64, 10)
+    raw = path.read_bytes()
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0xFF  # inside the stored logits
+
+    damages = [
+        (lambda: path.write_bytes(raw[:500]), "is corrupt"),                                   # truncated
+        (lambda: save_file({"other": good}, str(path), {"header": digest}), "is corrupt"),      # no 'logits'
+        (lambda: save_file({"logits": good[:, 0].contiguous()}, str(path), {"header": digest}), r"shape \[64\]"),
+        (lambda: save_file({"logits": good[:, :3].contiguous()}, str(path), {"header": digest}), r"not \[N, 10\]"),
+        (lambda: save_file({"logits": good}, str(path), {"header": "0" * 64}), "another cache"),
+        (lambda: path.write_bytes(bytes(flipped)), "checksum mismatch"),
+    ]
+    for damage, says in damages:
+        damage()
+        with pytest.raises(UserError, match=says):
+            source.test_logits()
+        cache_teacher(cfg, str(cache))  # cache-teacher rewrites what it cannot verify
+        assert torch.equal(source.test_logits(), good)
+
+    # from the command line: one line, exit 2, and no run folder left behind
+    path.write_bytes(raw[:500])
+    out = tmp_path / "run"
+    r = run_cli("distill", "--teacher-cache", str(cache), "--student", "vit_femto_patch4_16", "--method", "logit-kd",
+                "--epochs", "1", "--set", f"data.train_limit={LIMIT}", "--set", "data.test_limit=64", "--threads", "1",
+                "--no-progress", "--out", str(out))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "test.safetensors' is corrupt" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

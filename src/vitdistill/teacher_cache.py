@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -134,6 +135,8 @@ def shard_path(cache_dir: Path, epoch: int) -> Path:
 
 def read_shard(path: Path, digest: str, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Open one epoch's shard (memory-mapped by safetensors) and verify it; corruption names the file."""
+    if path.exists() and not os.access(path, os.R_OK):  # safetensors would call it missing
+        raise UserError(f"cannot read teacher cache shard '{path}': permission denied; check its permissions")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -149,6 +152,40 @@ def read_shard(path: Path, digest: str, epoch: int) -> tuple[torch.Tensor, torch
         raise UserError(f"teacher cache shard '{path}' is corrupt (checksum mismatch); delete it and rerun "
                         "`vitdistill cache-teacher` to rewrite it")
     return values, indices
+
+
+def _logits_digest(logits: torch.Tensor) -> str:
+    return hashlib.sha256(logits.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def read_test_logits(path: Path, digest: str, num_classes: int) -> torch.Tensor:
+    """The teacher's stored test-split logits, verified like a shard: the teacher's top-1 and
+    agreement in summary.json come from them, so a damaged file must not score silently."""
+    redo = "delete it and rerun `vitdistill cache-teacher` to rewrite it"
+    if not os.access(path, os.R_OK):  # safetensors reports a file it may not open as not found
+        raise UserError(f"cannot read teacher cache file '{path}': permission denied; check its permissions")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            logits = f.get_tensor("logits")
+    except Exception as exc:  # noqa: BLE001 - any parse failure (truncated, no 'logits') means the same thing
+        raise UserError(f"teacher cache file '{path}' is corrupt ({type(exc).__name__}); {redo}") from None
+    if meta.get("header") != digest:
+        raise UserError(f"teacher cache file '{path}' belongs to another cache; {redo}")
+    if logits.dim() != 2 or logits.shape[1] != num_classes or not logits.is_floating_point():
+        raise UserError(f"teacher cache file '{path}' holds logits of shape {list(logits.shape)}, not [N, "
+                        f"{num_classes}]; {redo}")
+    if "sha256" in meta and meta["sha256"] != _logits_digest(logits):  # caches before the checksum have none
+        raise UserError(f"teacher cache file '{path}' is corrupt (checksum mismatch); {redo}")
+    return logits.clone()  # small, and no longer tied to a file that cache-teacher may rewrite in place
+
+
+def test_logits_are_valid(path: Path, digest: str, num_classes: int) -> bool:
+    try:
+        read_test_logits(path, digest, num_classes)
+        return True
+    except UserError:
+        return False
 
 
 def shard_is_valid(path: Path, digest: str, epoch: int) -> bool:
@@ -227,11 +264,12 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
                             lambda tmp, v=values, i=indices, m=meta: save_file({"values": v, "indices": i}, tmp, m))
         written += 1
     bar.close()
-    if test is not None and dist.on_main(lambda: not (cache_dir / "test.safetensors").exists()):
+    test_path = cache_dir / "test.safetensors"
+    if test is not None and dist.on_main(lambda: not test_logits_are_valid(test_path, digest, header["num_classes"])):
         logits = dist.predict(lambda x: teacher(x)["logits"], test, batch_size, device)
         if main:
-            io.atomic_write(cache_dir / "test.safetensors",
-                            lambda tmp: save_file({"logits": logits}, tmp, {"header": digest}))
+            io.atomic_write(test_path, lambda tmp: save_file(
+                {"logits": logits}, tmp, {"header": digest, "sha256": _logits_digest(logits.contiguous())}))
     dist.barrier()  # the files are on disk before any process goes on (compare replays them next)
     return {"dir": str(cache_dir), "epochs": header["epochs"], "written": written,
             "bytes_per_sample_epoch": k * (torch.finfo(vdtype).bits // 8 + torch.iinfo(idtype).bits // 8)}
@@ -300,8 +338,7 @@ class CachedTeacher:
         path = self.dir / "test.safetensors"
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor("logits")
+        return read_test_logits(path, self.digest, self.num_classes)
 
 
 class CachedTeachers:
