@@ -210,6 +210,15 @@ def test_eval_and_profile_sizes_and_paths(teacher_run: Path, tmp_path: Path) -> 
     # Path("") is '.', which was named as the run directory that is not one
     _fails("profile", "--model", "", says="--model is empty; give a model name")
     _fails("eval", "--student", "", says="--student is empty; give a run directory")
+    # a batch no machine holds: one line, not the allocator's traceback
+    _fails("profile", "--model", "vit_femto_patch4_16", "--batch", "99999999999",
+           says="not enough memory to profile 'vit_femto_patch4_16' at --batch 99999999999")
+    # an empty file flag (a script's unset variable) is refused, not read as "not given"
+    _fails(*_train(tmp_path / "r", "--weights", ""), says="--weights is empty; give a file or folder")
+    assert not (tmp_path / "r").exists()
+    _fails("eval", "--student", str(teacher_run), "--weights", " ", says="--weights is empty")
+    _fails("distill", "--student", "vit_femto_patch4_16", "--teacher", "resnet_micro_cnn", "--teacher-weights", "",
+           says="--teacher-weights is empty")
 
 
 def test_imagefolder_classes_that_cannot_train(tmp_path: Path) -> None:

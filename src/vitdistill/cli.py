@@ -373,6 +373,10 @@ def _rank_world() -> tuple[int, int]:
         return 0, 1
 
 
+# flags that name a file or folder, where an empty value would otherwise read as "not given"
+_FILE_FLAGS = ("weights", "teacher_weights", "student_weights", "teacher_cache", "cache", "config")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -382,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1 and args.command not in _DISTRIBUTED:
             raise UserError(f"`{args.command}` runs in one process; start it without torchrun (only "
                             f"{', '.join(_DISTRIBUTED)} use several)")
+        for dest in _FILE_FLAGS:  # `--weights "$W"` with W unset must not train from scratch in silence
+            value = getattr(args, dest, None)
+            if isinstance(value, str) and not value.strip():
+                flag = "--" + dest.replace("_", "-")
+                raise UserError(f"{flag} is empty; give a file or folder, or leave {flag} out")
         from vitdistill import plugins
 
         plugins.load_plugins(plugins.normalise(args.plugin or []))  # and the installed entry points

@@ -134,5 +134,11 @@ def profile_cli(args: argparse.Namespace) -> dict:
             img_size = img_size or summary.get("img_size")
     model = _build(name, num_classes, img_size, kwargs, None, cfg)
     size = InputPrep.for_model(model).size or img_size or 32
-    result = profile_model(model, (3, size, size), device=str(pick_device(args.device)), batch=args.batch)
+    try:
+        result = profile_model(model, (3, size, size), device=str(pick_device(args.device)), batch=args.batch)
+    except (RuntimeError, MemoryError) as exc:  # torch's allocators say it in a RuntimeError
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise UserError(f"not enough memory to profile '{name}' at --batch {args.batch} of {size}-px images; "
+                        "give a smaller --batch") from None
     return {"model": name, "img_size": size, **result}
