@@ -111,7 +111,7 @@ def test_an_out_below_a_file_is_named(teacher_run: Path, tmp_path: Path) -> None
            "--cache", str(afile / "c"), says=f"--cache '{afile / 'c'}': '{afile}' is a file, not a folder")
 
 
-def test_damaged_checkpoints_stop_a_resume(tmp_path: Path) -> None:
+def test_damaged_checkpoints_stop_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     args = _train(out, "--set", "train.epochs=2")
     assert run_cli_here(*args, "--set", "train.stop_after=1") == 0
@@ -121,6 +121,19 @@ def test_damaged_checkpoints_stop_a_resume(tmp_path: Path) -> None:
         _fails(*args, "--resume", says="is damaged or not a vitdistill checkpoint")
     torch.save({"student": {}}, out / "checkpoint.pt")  # a torch file, but not ours
     _fails(*args, "--resume", says="is damaged or not a vitdistill checkpoint")
+
+    # a good checkpoint this user may not read is not "damaged" (the suite runs as root, where chmod
+    # does not stop a read, so the permission check itself is what is made to refuse)
+    (out / "checkpoint.pt").write_bytes(good)
+    from vitdistill.engine import run as run_module
+
+    real_access = os.access
+    monkeypatch.setattr(run_module.os, "access", lambda p, mode: False if Path(p).name == "checkpoint.pt"
+                        else real_access(p, mode))
+    with pytest.raises(UserError, match=r"checkpoint\.pt' is not readable \(permission denied\)"):
+        run_module._read_checkpoint(out / "checkpoint.pt")
+    monkeypatch.undo()
+    assert run_module._read_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
 def test_a_teacher_without_weights_is_refused(teacher_run: Path, tmp_path: Path) -> None:

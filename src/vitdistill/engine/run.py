@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -110,6 +111,8 @@ _CHECKPOINT_KEYS = ("student", "method", "optimizer", "scheduler", "epoch", "met
 
 def _read_checkpoint(path: Path) -> dict:
     """The resume state, or a one-line error when the file is not one this engine wrote."""
+    if not os.access(path, os.R_OK):  # a file that is fine but not ours to read must not be called damaged
+        raise UserError(f"cannot resume: '{path}' is not readable (permission denied); check its permissions")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and all(k in state for k in _CHECKPOINT_KEYS):
