@@ -539,6 +539,40 @@ def test_other_commands_do_not_write_into_a_training_run(teacher_run: Path, tmp_
     assert sorted(p.name for p in teacher_run.iterdir()) == before
 
 
+def test_no_command_writes_into_another_commands_folder(teacher_run: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    r = run_cli_fast("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run),
+                     "--epochs", "1", "--cache", str(cache), *TINY)
+    assert r.returncode == 0, r.stderr
+    marked = {}  # the other kinds by the file that marks each (their own tests make real ones)
+    for name, marker in (("synth", "synth.json"), ("grid", "compare.json"), ("demo", "demo.json")):
+        marked[name] = tmp_path / name
+        marked[name].mkdir()
+        (marked[name] / marker).write_text("{}")
+    says = {cache: "a teacher cache", marked["synth"]: "a synthetic data set", marked["grid"]: "a compare grid",
+            marked["demo"]: "a demo", teacher_run: "a training run"}
+    before = {f: sorted(p.name for p in f.iterdir()) for f in says}
+    grid_cfg = tmp_path / "grid.yaml"
+    grid_cfg.write_text("data: {source: digits}\ncompare:\n  seeds: [0]\n"
+                        "  cells: [{method: none, student: vit_femto_patch4_16}]\n")
+    synth = ["synthesize", "--data", "digits", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run),
+             "--images", "10", "--iters", "2", "--batch-size", "10"]
+    cache_teacher = ["cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run),
+                     "--epochs", "1", *TINY]
+    for folder, name in says.items():
+        if folder != teacher_run:
+            _fails(*_train(folder), says=f"--out '{folder}' holds {name}")
+        if folder != cache:
+            _fails(*cache_teacher, "--cache", str(folder), says=f"--cache '{folder}' holds {name}")
+        if folder != marked["synth"]:
+            _fails(*synth, "--out", str(folder), says=f"--out '{folder}' holds {name}")
+        if folder != marked["demo"]:
+            _fails("demo", "--out", str(folder), "--scale", "0.01", says=f"--out '{folder}' holds {name}")
+        if folder != marked["grid"]:
+            _fails("compare", "--config", str(grid_cfg), "--out", str(folder), says=f"--out '{folder}' holds {name}")
+    assert {f: sorted(p.name for p in f.iterdir()) for f in says} == before
+
+
 def test_an_unreadable_weights_file_says_permission_denied(teacher_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from vitdistill.models import factory
 

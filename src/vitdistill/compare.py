@@ -521,6 +521,7 @@ def compare_cli(args: Any) -> int:
     spec = parse_spec(section, build_config(base).model.student)
     shard = parse_shard(getattr(args, "shard", None))
     io.check_folder(out)
+    io.refuse_foreign_folder(out, "--out", "grid", "the grid")
     teacher, caches, every_run = plan(spec, base, out)
     runs = take_shard(every_run, shard)
     if args.dry_run:

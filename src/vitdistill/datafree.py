@@ -229,7 +229,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
 
     out = Path(out)
     io.check_folder(out)
-    io.refuse_run_folder(out, "--out", "the synthetic data set")
+    io.refuse_foreign_folder(out, "--out", "synthetic", "the synthetic data set")
     if cfg.data.source.partition(":")[0].strip().lower() == "synthetic":
         raise UserError("synthesize --data names the real data set the images stand for (its classes, size "
                         "and test split), not a synthetic one; e.g. --data digits or --data cifar10:DIR")

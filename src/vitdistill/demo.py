@@ -55,7 +55,7 @@ def run_demo(out: Path, seed: int = 0, epochs_scale: float = 1.0, threads: int |
     """Train the teacher and both students of :func:`demo_configs` under ``out``, print the table and
     the gain, and write ``demo.json`` and ``demo.md``; returns the three table rows. ``threads``:
     torch's CPU threads for all three runs (None: torch's default, one per core)."""
-    io.refuse_run_folder(out, "--out", "the demo")
+    io.refuse_foreign_folder(out, "--out", "demo", "the demo")
     if (out / "demo.json").exists() or any((out / d / "checkpoint.pt").exists()
                                           for d in ("teacher", "student-none", "student-deit-hard")):
         raise UserError(f"'{out}' already holds a demo; remove it or pass --out to a new folder")

@@ -219,7 +219,7 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
     def prepare() -> tuple[dict, list[int]]:
         nonlocal header
         io.check_folder(cache_dir, "--cache")
-        io.refuse_run_folder(cache_dir, "--cache", "the teacher cache")
+        io.refuse_foreign_folder(cache_dir, "--cache", "cache", "the teacher cache")
         io.make_folder(cache_dir, "--cache")
         head = cache_dir / "header.json"
         asked = header["epochs"]

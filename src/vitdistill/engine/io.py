@@ -41,10 +41,31 @@ def check_folder(path: str | Path, flag: str = "--out") -> None:
 RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl")
 
 
-def refuse_run_folder(path: str | Path, flag: str, what: str) -> None:
-    """One-line error when ``path`` is a training run's folder, which another command's files would mix into."""
-    if any((Path(path) / f).exists() for f in RUN_FILES):
-        raise UserError(f"{flag} '{path}' holds a training run; pass {flag} to a new folder for {what}")
+# What each command leaves in its folder, by the files that mark it: another command's files
+# would mix into it (and a later resume, replay or report would read them as its own).
+FOLDER_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "run": ("a training run", RUN_FILES),
+    "cache": ("a teacher cache (`vitdistill cache-teacher`)", ("header.json",)),
+    "synthetic": ("a synthetic data set (`vitdistill synthesize`)", ("images.safetensors", "parts", "synth.json")),
+    "grid": ("a compare grid (`vitdistill compare`)", ("compare.json", "cells")),
+    "demo": ("a demo (`vitdistill demo`)", ("demo.json", "student-none", "student-deit-hard")),
+}
+
+
+def foreign_folder(path: str | Path, own: str) -> str | None:
+    """What ``path`` holds when another kind of command wrote it (:data:`FOLDER_KINDS`), else None;
+    ``own`` is the kind the asking command writes, whose folder it may resume."""
+    for kind, (name, markers) in FOLDER_KINDS.items():
+        if kind != own and any((Path(path) / m).exists() for m in markers):
+            return name
+    return None
+
+
+def refuse_foreign_folder(path: str | Path, flag: str, own: str, what: str) -> None:
+    """One-line error when ``path`` holds what another kind of command wrote."""
+    found = foreign_folder(path, own)
+    if found:
+        raise UserError(f"{flag} '{path}' holds {found}; pass {flag} to a new folder for {what}")
 
 
 def _probe(folder: Path, path: Path, flag: str) -> None:

@@ -147,9 +147,9 @@ def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> 
     ckpt_path = out / "checkpoint.pt"
     # rank 0's view decides, so no rank goes its own way
     exists, finished = dist.broadcast((ckpt_path.exists(), (out / "summary.json").exists()))
-    if dist.broadcast((out / "images.safetensors").exists() or (out / "parts").is_dir()):
-        raise UserError(f"'{out}' holds a synthetic data set (`vitdistill synthesize`), whose config.yaml a run "
-                        "would overwrite; choose another --out")
+    foreign = dist.broadcast(io.foreign_folder(out, "run"))  # a cache, synthetic set, grid or demo
+    if foreign:
+        raise UserError(f"--out '{out}' holds {foreign}; pass --out to a new folder for the run")
     if finished and not exists:  # its checkpoint deleted to save space: nothing to resume, much to lose
         raise UserError(f"'{out}' holds a finished run (summary.json) without its checkpoint.pt, which neither "
                         "a new run nor --resume may overwrite; choose another --out or delete the folder")
