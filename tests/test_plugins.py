@@ -130,6 +130,7 @@ def test_an_installed_entry_point_is_loaded(tmp_path: Path) -> None:
     ("no_such_module_xyz", "plugin 'no_such_module_xyz' cannot be imported (No module named 'no_such_module_xyz')"),
     ("raises.py", "plugin '{tmp}/raises.py' failed on import: ZeroDivisionError: division by zero; fix the file"),
     ("clash.py", "failed on import: ValueError: method 'logit-kd' is registered twice"),
+    ("exits.py", "plugin '{tmp}/exits.py' called sys.exit(0) on import; a plugin must not exit"),
     # a folder: by path it was a file that "does not exist"; by name, a module that cannot be found
     ("kd/", "plugin '{tmp}/kd' is a folder; name the .py file in it"),
     ("kd", "'kd' is a folder here: name the .py file in it"),
@@ -139,6 +140,7 @@ def test_bad_plugins_are_one_line(registry, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "raises.py").write_text("1 / 0\n")
     (tmp_path / "kd").mkdir()
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
     (tmp_path / "clash.py").write_text(EXAMPLE.read_text().replace('register("logit-l2")', 'register("logit-kd")'))
     for args in (["methods", "--plugin", plugin],
                  ["train", "--epochs", "1", "--out", "r", "--set", f"plugins=[{plugin}]"]):

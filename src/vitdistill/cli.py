@@ -221,8 +221,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # what an interrupted command kept, and how to go on from it
 _INTERRUPTED = {
-    "train": "interrupted; the last finished epoch is saved, continue with the same command and --resume",
-    "distill": "interrupted; the last finished epoch is saved, continue with the same command and --resume",
+    "train": "interrupted; each finished epoch is saved (none before the first): continue with the same command "
+             "and --resume",
+    "distill": "interrupted; each finished epoch is saved (none before the first): continue with the same command "
+               "and --resume",
     "cache-teacher": "interrupted; the finished epochs are saved, rerun the same command to write the rest",
     "synthesize": "interrupted; the finished batches are saved under OUT/parts, rerun the same command to continue",
 }

@@ -106,6 +106,8 @@ def _guard(where: str, load, fix: str) -> ModuleType:
         raise
     except ModuleNotFoundError as exc:
         raise UserError(f"{where} cannot be imported ({exc}); {fix}") from None
+    except SystemExit as exc:  # a plugin that exits on import would end the command with no word
+        raise UserError(f"{where} called sys.exit({exc.code!r}) on import; a plugin must not exit; {fix}") from None
     except Exception as exc:  # the plugin's code: its own error, in one line
         first = (str(exc).splitlines() or [""])[0]
         raise UserError(f"{where} failed on import: {type(exc).__name__}: {first}; {fix}") from None

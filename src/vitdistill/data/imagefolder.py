@@ -205,7 +205,8 @@ def decode_split(
         try:
             data = e.source.read_bytes() if isinstance(e.source, Path) else e.source
         except OSError as err:
-            raise UserError(f"cannot read image '{e.name}' in {where}: {err}") from err
+            raise UserError(f"cannot read image '{e.name}' in {where}: {err.strerror or err}; check its permissions, "
+                            "or remove it") from None
         try:
             arr = decode_image(data, img_size)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)

@@ -114,7 +114,7 @@ def create_model(
         if pretrained:
             raise UserError(
                 f"cannot fetch pretrained weights for '{name}' ({type(exc).__name__}); "
-                "pass a local file with --teacher-weights/--student-weights instead"
+                "pass a local weights file instead (--weights, --teacher-weights or --student-weights)"
             ) from None
         # timm's own checks of the sizes (a negative depth, a patch that does not divide the image)
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
