@@ -293,6 +293,13 @@ def test_safetensors_weights_load(tmp_path):
     _same_outputs(model, loaded)
 
 
+def test_safetensors_under_another_name_load(tmp_path):
+    model, path = _saved_vit(tmp_path)
+    renamed = path.rename(tmp_path / "student.bin")  # the format is read from the file, not its name
+    loaded, _ = create_model("vit_femto_patch4_16", 10, 16, weights=str(renamed))
+    _same_outputs(model, loaded)
+
+
 def test_run_directory_resolves_to_its_weights(tmp_path):
     model, path = _saved_vit(tmp_path)
     run = tmp_path / "run"

@@ -214,13 +214,24 @@ def resolve_weights_path(path: str) -> Path:
     return p
 
 
+def _looks_like_safetensors(p: Path) -> bool:
+    """A safetensors file under another name (student.bin): an 8-byte little-endian header length,
+    then the JSON header. A torch file starts with a zip or pickle signature instead."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= p.stat().st_size
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read weights without executing pickled code (safetensors, or torch with weights_only=True)."""
     p = resolve_weights_path(path)
     if not os.access(p, os.R_OK):  # safetensors reports a file it may not open as not found
         raise UserError(f"cannot read weights '{p}': permission denied; check the file's permissions")
     try:
-        if p.suffix == ".safetensors":
+        if p.suffix == ".safetensors" or _looks_like_safetensors(p):
             return load_file(str(p))
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
