@@ -107,6 +107,8 @@ def test_an_out_below_a_file_is_named(teacher_run: Path, tmp_path: Path) -> None
     _fails(*_train(afile / "sub"), says=f"'{afile}' is a file, not a folder")
     _fails("demo", "--out", str(afile / "d"), says="is a file, not a folder")
     _fails("demo", "--out", str(tmp_path / "d"), "--scale", "nan", says="--scale nan: give a positive number")
+    _fails("demo", "--out", str(tmp_path / "d"), "--scale", "1e12", says="--scale 1e+12: give a smaller one")
+    _fails("demo", "--out", str(tmp_path / "d"), "--seed", "-1", says="--seed -1: give a whole number from 0")
     _fails("cache-teacher", "--teacher", "resnet_micro_cnn", "--teacher-weights", str(teacher_run), *TINY,
            "--cache", str(afile / "c"), says=f"--cache '{afile / 'c'}': '{afile}' is a file, not a folder")
 

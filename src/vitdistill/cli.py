@@ -166,10 +166,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vitdistill.demo import run_demo
+    from vitdistill.demo import STUDENT_EPOCHS, run_demo
 
     if not args.scale > 0 or args.scale == float("inf"):
         raise UserError(f"--scale {args.scale}: give a positive number (1 is the demo, tests use 0.1)")
+    # said here in the demo's own flags: the config keys they become are not the demo's to set
+    if args.scale * STUDENT_EPOCHS >= 2**31:
+        raise UserError(f"--scale {args.scale:g}: give a smaller one (the students' {STUDENT_EPOCHS} epochs times "
+                        "it must stay below 2**31)")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: give a whole number from 0 to 2**63 - 1")
     from vitdistill.engine.io import check_folder
 
     if args.threads is not None and args.threads < 1:
