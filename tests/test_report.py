@@ -267,3 +267,21 @@ def test_run_report_names_a_training_run_and_the_ema(tmp_path: pathlib.Path) -> 
     assert "the EMA of the weights, decay" in md and "| 0.9980" in md and "| 88.00" in md
     assert "| 0.9 " in md and "0.9100" not in md  # the wall time, to a tenth of a second
     assert "Live top-1 (%)" in md
+
+
+def test_atomic_write_syncs_the_file_before_its_name(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from vitdistill.engine import io
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                   real_fsync(fd))[1])
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    io.write_json(tmp_path / "summary.json", {"a": 1})
+    monkeypatch.undo()
+    kinds = [k for k, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[1][1] == str(tmp_path / "summary.json")
+    assert events[2][1] == str(tmp_path) and (tmp_path / "summary.json").read_text() == '{\n  "a": 1\n}\n'

@@ -103,6 +103,19 @@ def remove_folders(created: list[Path]) -> None:
             break
 
 
+def _fsync(path: str | Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder some systems do not open read-only: the rename is then as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temp on failure."""
     path = Path(path)
@@ -115,7 +128,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, file_mode())  # after the write: a writer may replace the file it was given
+        _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves old or new, never empty
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
