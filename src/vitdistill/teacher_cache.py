@@ -173,8 +173,8 @@ def read_test_logits(path: Path, digest: str, num_classes: int) -> torch.Tensor:
     if meta.get("header") != digest:
         raise UserError(f"teacher cache file '{path}' belongs to another cache; {redo}")
     if logits.dim() != 2 or logits.shape[1] != num_classes or not logits.is_floating_point():
-        raise UserError(f"teacher cache file '{path}' holds logits of shape {list(logits.shape)}, not [N, "
-                        f"{num_classes}]; {redo}")
+        raise UserError(f"teacher cache file '{path}' holds {str(logits.dtype).removeprefix('torch.')} logits of "
+                        f"shape {list(logits.shape)}, not float [N, {num_classes}]; {redo}")
     if "sha256" in meta and meta["sha256"] != _logits_digest(logits):  # caches before the checksum have none
         raise UserError(f"teacher cache file '{path}' is corrupt (checksum mismatch); {redo}")
     return logits.clone()  # small, and no longer tied to a file that cache-teacher may rewrite in place
