@@ -175,7 +175,7 @@ def _cache_done(cache_dir: Path, epochs: int) -> bool:
         return False
     digest = tc.header_digest(header)
     return (header["epochs"] >= epochs and (cache_dir / "test.safetensors").exists()
-            and all(tc.shard_is_valid(tc.shard_path(cache_dir, e), digest, e) for e in range(epochs)))
+            and all(tc.verified(tc.read_shard, tc.shard_path(cache_dir, e), digest, e) for e in range(epochs)))
 
 
 def _slug(text: str) -> str:

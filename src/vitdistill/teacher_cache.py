@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,9 +124,11 @@ def check_header(found: dict, wanted: dict, where: Path, fields: tuple[str, ...]
                         "rebuild it with --epochs at least that")
 
 
-def _digest(values: torch.Tensor, indices: torch.Tensor) -> str:
-    h = hashlib.sha256(values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(indices.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+def _digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the tensors' raw bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -154,10 +157,6 @@ def read_shard(path: Path, digest: str, epoch: int) -> tuple[torch.Tensor, torch
     return values, indices
 
 
-def _logits_digest(logits: torch.Tensor) -> str:
-    return hashlib.sha256(logits.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def read_test_logits(path: Path, digest: str, num_classes: int) -> torch.Tensor:
     """The teacher's stored test-split logits, verified like a shard: the teacher's top-1 and
     agreement in summary.json come from them, so a damaged file must not score silently."""
@@ -175,22 +174,15 @@ def read_test_logits(path: Path, digest: str, num_classes: int) -> torch.Tensor:
     if logits.dim() != 2 or logits.shape[1] != num_classes or not logits.is_floating_point():
         raise UserError(f"teacher cache file '{path}' holds {str(logits.dtype).removeprefix('torch.')} logits of "
                         f"shape {list(logits.shape)}, not float [N, {num_classes}]; {redo}")
-    if "sha256" in meta and meta["sha256"] != _logits_digest(logits):  # caches before the checksum have none
+    if "sha256" in meta and meta["sha256"] != _digest(logits):  # caches before the checksum have none
         raise UserError(f"teacher cache file '{path}' is corrupt (checksum mismatch); {redo}")
     return logits.clone()  # small, and no longer tied to a file that cache-teacher may rewrite in place
 
 
-def test_logits_are_valid(path: Path, digest: str, num_classes: int) -> bool:
+def verified(read: Callable[..., object], *args: object) -> bool:
+    """Whether ``read(*args)`` (:func:`read_shard`, :func:`read_test_logits`) passes its checks."""
     try:
-        read_test_logits(path, digest, num_classes)
-        return True
-    except UserError:
-        return False
-
-
-def shard_is_valid(path: Path, digest: str, epoch: int) -> bool:
-    try:
-        read_shard(path, digest, epoch)
+        read(*args)
         return True
     except UserError:
         return False
@@ -231,7 +223,7 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
             header = {**header, "epochs": max(asked, old["epochs"])}
         io.write_json(head, header)
         d = header_digest(header)
-        return header, [e for e in range(asked) if not shard_is_valid(shard_path(cache_dir, e), d, e)]
+        return header, [e for e in range(asked) if not verified(read_shard, shard_path(cache_dir, e), d, e)]
 
     header, todo = dist.on_main(prepare)
     digest = header_digest(header)
@@ -265,11 +257,11 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
         written += 1
     bar.close()
     test_path = cache_dir / "test.safetensors"
-    if test is not None and dist.on_main(lambda: not test_logits_are_valid(test_path, digest, header["num_classes"])):
+    if test is not None and dist.on_main(lambda: not verified(read_test_logits, test_path, digest, header["num_classes"])):
         logits = dist.predict(lambda x: teacher(x)["logits"], test, batch_size, device)
         if main:
             io.atomic_write(test_path, lambda tmp: save_file(
-                {"logits": logits}, tmp, {"header": digest, "sha256": _logits_digest(logits.contiguous())}))
+                {"logits": logits}, tmp, {"header": digest, "sha256": _digest(logits)}))
     dist.barrier()  # the files are on disk before any process goes on (compare replays them next)
     return {"dir": str(cache_dir), "epochs": header["epochs"], "written": written,
             "bytes_per_sample_epoch": k * (torch.finfo(vdtype).bits // 8 + torch.iinfo(idtype).bits // 8)}

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -92,22 +91,10 @@ def save_cached(path: Path, ds: Dataset) -> None:
         "pad": str(ds.pad),
         "hflip": "true" if ds.hflip else "false",
     }
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a unique name per writer, so concurrent writers (e.g. DDP ranks) never share a temp file
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, io.file_mode())  # safetensors' own file mode would keep the cache from other users
-        os.replace(tmp, path)
-        tmp = None
+    try:  # a unique temp name per writer (concurrent DDP ranks), synced, given the shared file mode
+        io.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except Exception as e:  # disk full, read-only cache dir, ...: the data in memory is still good
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"note: could not write the data cache {path} ({why}); the data will be decoded again next time "
               "(set VITDISTILL_CACHE to a writable folder)", file=sys.stderr, flush=True)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
