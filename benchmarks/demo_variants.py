@@ -102,6 +102,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
     **{f"few{n}-long": {"teacher": {"data": {"train_limit": n}, "train": {"epochs": 15 * 1438 // n}},
                         "students": {"data": {"train_limit": n}, "train": {"epochs": 40 * 1438 // n}}}
        for n in (200, 400)},
+    # DeiT's stochastic depth (drop_path_rate 0.1, DeiT-Tiny's) on both students: the students
+    # overfit 1,438 images, and the distillation-token one has the wider spread over seeds
+    "dp10": {"students": {"model": {"student_kwargs": {"drop_path_rate": 0.1}}}},
+    "rrc-dp10": {"teacher": {"data": {"crop_scale": 0.35}},
+                 "students": {"data": {"crop_scale": 0.35}, "model": {"student_kwargs": {"drop_path_rate": 0.1}}}},
     "rrc-e60-ema": {"teacher": {"data": {"crop_scale": 0.35}},
                     "students": {"data": {"crop_scale": 0.35}, "train": {"epochs": 60, "ema_decay": 0.998}}},
     # the distillation-token student as registered before 427cf22: timm DeiT's ImageNet mean and std
