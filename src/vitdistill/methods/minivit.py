@@ -28,6 +28,8 @@ stream before the MLP; inside the branch the residual path, and so a pretrained 
     L_attn = 1/9 sum_{i,j in {Q,K,V}} KL(R^t_ij || R^s_ij),  R_ij = softmax(X_i X_j^T / sqrt(d)) per head
     L_hddn = KL(R^t_H || R^s_H),  R_H = softmax(H_h H_h^T / sqrt(D / heads)), H split into the heads
 
+The relation terms are Mini-Swin's (Cream's Mini-DeiT distils with DeiT's soft loss alone); the
+tau^2 of L_pred is Hinton's, not in Mini-Swin's code, and changes nothing at the default tau = 1.
 KLs are taken row by row and averaged over batch, heads and rows (the official code's mean). By
 default the relations are per head of the models, which needs equal head counts; ``relation_heads=R``
 concatenates each side's heads along channels and splits them into R relation heads (MiniLMv2's
