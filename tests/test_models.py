@@ -417,3 +417,16 @@ def test_patches_that_do_not_divide_the_image_are_noted_once(capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err.count("note: 'vit_femto_patch4_16' cuts 18-px images into 4-px patches, so the last 2 px") == 1
     assert err.count("note:") == 1
+
+
+def test_load_run_model_rebuilds_a_cnn_at_its_training_resolution(teacher_run: Path) -> None:
+    """A CNN takes no img_size, so the resolution lives only in the weights' overlay; without it the
+    rebuilt teacher said 224 px and a 0.95 crop, and InputPrep resized the digits to 224."""
+    from conftest import load_run_model_top1
+
+    from vitdistill.evaluation import load_run_model
+
+    cfg = timm.data.resolve_data_config({}, model=load_run_model(teacher_run))
+    assert cfg["input_size"] == (3, 16, 16) and cfg["crop_pct"] == 1.0
+    summary = json.loads((teacher_run / "summary.json").read_text())
+    assert load_run_model_top1(teacher_run) == pytest.approx(summary["student_top1"], abs=1e-6)

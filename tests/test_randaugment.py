@@ -120,8 +120,10 @@ def test_rand_augment_is_per_sample_pure_and_off_when_it_should_be() -> None:
 
 def test_timms_settings_strings() -> None:
     assert parse_spec("rand-m9-mstd0.5-inc1") == RandAugmentSpec(n=2, m=9.0, mstd=0.5, mmax=10.0, p=0.5)
-    assert parse_spec("rand-n3-m5-p1") == RandAugmentSpec(n=3, m=5.0, p=1.0)
+    assert parse_spec("rand-n3-m5-p1-inc1") == RandAugmentSpec(n=3, m=5.0, p=1.0)
+    # timm reads a string without inc as inc0: refused, not silently read as inc1
     for bad, says in (("auto-m9", "starts with 'rand'"), ("rand-x9", "unknown RandAugment part 'x9'"),
-                      ("rand-m9-inc0", "inc1"), ("rand-p2", r"p in \[0, 1\]")):
+                      ("rand-m9-inc0", "inc1"), ("rand-p2-inc1", r"p in \[0, 1\]"),
+                      ("rand-m9-mstd0.5", "no inc part")):
         with pytest.raises(ValueError, match=says):
             parse_spec(bad)

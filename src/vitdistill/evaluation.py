@@ -54,7 +54,13 @@ def load_run_model(run_dir: str | Path) -> torch.nn.Module:
     except Exception:  # noqa: BLE001 - a file without vitdistill's metadata is the same problem however it fails
         raise UserError(f"'{path}' carries no timm_kwargs metadata; it was not written by vitdistill "
                         "(load it with `vitdistill eval --student NAME --weights FILE --data SOURCE`)") from None
-    return _build(cfg.model.student, kwargs["num_classes"], kwargs.get("img_size"), cfg.model.student_kwargs,
+    img_size = kwargs.get("img_size")
+    if img_size is None:  # a CNN takes no img_size; its resolution is in the overlay it was built with
+        input_size = (kwargs.get("pretrained_cfg_overlay") or {}).get("input_size")
+        if input_size:
+            h, w = input_size[1:]
+            img_size = h if h == w else (h, w)
+    return _build(cfg.model.student, kwargs["num_classes"], img_size, cfg.model.student_kwargs,
                   str(path), cfg).eval()
 
 

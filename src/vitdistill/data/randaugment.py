@@ -56,9 +56,14 @@ def parse_spec(text: str) -> RandAugmentSpec:
         if not found:
             raise ValueError(f"unknown RandAugment part {part!r} in {text!r}; the parts are m, n, mstd, mmax, p, inc")
         values[found.group(1)] = float(found.group(2))
-    if values.pop("inc", 1.0) != 1.0:
+    # timm reads a string without inc as inc0, so a default of inc1 here would train on other
+    # operations than the same string gives under timm
+    if "inc" not in values:
+        raise ValueError(f"{text!r} has no inc part, which timm reads as inc0 (not implemented here); add -inc1, "
+                         "the increasing operations DeiT and TinyViT use")
+    if values.pop("inc") != 1.0:
         raise ValueError(f"only the increasing operations (inc1) are implemented, as DeiT and TinyViT use; "
-                         f"drop inc0 from {text!r}")
+                         f"change inc0 to inc1 in {text!r}")
     spec = RandAugmentSpec(n=int(values.pop("n", 2)), **values)
     if spec.n < 0 or not 0.0 <= spec.p <= 1.0 or spec.mstd < 0 or spec.mmax <= 0:
         raise ValueError(f"RandAugment {text!r}: n must be >= 0, p in [0, 1], mstd >= 0 and mmax > 0")
