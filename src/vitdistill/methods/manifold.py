@@ -24,9 +24,9 @@ logit part is DeiT's (the authors build on DeiT's training code):
 ``Z_dist`` is the distillation token's head when the student has one, else the class head (as DeiT's
 loss does for a plain ViT). Defaults: alpha = 4, beta = 0.1, gamma = 0.2, K = 192, lambda_mf = 1
 (the authors' DeiT-Tiny manifold weights); the logit part defaults to DeiT's hard variant at
-a = 0.5, where the authors' released DeiT-Tiny command runs the soft one at a = 1 and tau = 1 (no
-label CE: ``distillation=soft, kd_alpha=1``); layers: the first and last third of the student (DeiT-Tiny 0-3 and
-8-11) against the teacher's first and last layers of the same count (CaiT-S24 0-3 and 20-23).
+a = 0.5, where the authors' released DeiT-Tiny command runs the soft one at a = 1 and tau = 1
+(no label CE: ``distillation=soft, kd_alpha=1``); layers: the first and last third of the student
+(DeiT-Tiny 0-3 and 8-11) against the teacher's first and last layers of the same count (CaiT-S24 0-3 and 20-23).
 
 A CNN teacher's stage maps are brought to the student's patch grid by average pooling
 (``_features.to_tokens``), so any timm teacher serves; the student must be a ViT. The random term

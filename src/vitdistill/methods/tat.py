@@ -18,9 +18,9 @@ one-to-all matching on its own, and the MSE is over all of them). Both default t
 
 gamma and phi are learned 1x1 maps from the student's width to the teacher's followed by batch norm.
 The official ImageNet code's "Embed" (torchdistill) is a 3x3 convolution without bias + BN; a 1x1
-map is kept here because it acts on each token alone, so it needs no spatial grid; theta is the identity (the official
-classification code keeps the teacher's features as they are). ``query="student"`` swaps the roles of
-query and key, w_ij = softmax_j(<gamma(f^s_i), f^t_j>), the order of the official implementation's
+map is kept here because it acts on each token alone, so it needs no spatial grid. theta is the
+identity (the official classification code keeps the teacher's features as they are).
+``query="student"`` swaps the roles of query and key, w_ij = softmax_j(<gamma(f^s_i), f^t_j>), the order of the official implementation's
 einsum (sigma(gamma(f^s) theta(f^t)^T) phi(f^s) with a row softmax).
 
 Hierarchical distillation (paper Sec. 3.3) cuts the N^2 cost on large maps:
