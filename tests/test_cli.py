@@ -39,6 +39,16 @@ def test_methods_and_models_list() -> None:
     assert r.returncode == 0 and "deit_femto_distilled_patch4_16" in r.stdout and "resnet_micro_cnn" in r.stdout
 
 
+def test_listing_the_methods_does_not_import_timm() -> None:
+    # timm's import is most of `vitdistill methods`' time on a small CPU, and no method needs timm
+    # to be registered: vitdistill.models loads its timm-backed names on first use
+    code = "import sys; from vitdistill.cli import main; main(['methods']); print(sorted(m for m in sys.modules if m.split('.')[0] == 'timm'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]"
+    assert "deit-hard" in r.stdout
+
+
 def test_a_reader_that_goes_away_stops_the_listing_quietly() -> None:
     # `vitdistill methods | head -1`: a pipe whose reading end is already closed meets every write
     read_end, write_end = os.pipe()

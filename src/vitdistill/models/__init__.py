@@ -1,9 +1,31 @@
-"""Models: timm by name, tiny registered configs, the frozen teacher and the student adapter."""
-from vitdistill.models import involution  # noqa: F401  registers rednet_micro_inv with timm
-from vitdistill.models.factory import TINY_MODELS, create_model, load_weights, model_spec, read_state_dict
-from vitdistill.models.wrappers import InputPrep, Teacher, has_dist_token, prepare_student, student_outputs
+"""Models: timm by name, tiny registered configs, the frozen teacher and the student adapter.
 
-__all__ = [
-    "TINY_MODELS", "create_model", "load_weights", "model_spec", "read_state_dict",
-    "InputPrep", "Teacher", "has_dist_token", "prepare_student", "student_outputs",
-]
+The names below load on first use (PEP 562), so that importing ``vitdistill.models.taps`` (what
+every method needs) does not import timm: ``vitdistill methods`` then lists the methods without
+the seconds that timm's import costs on a small CPU.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "TINY_MODELS": "factory", "create_model": "factory", "load_weights": "factory", "model_spec": "factory",
+    "read_state_dict": "factory",
+    "InputPrep": "wrappers", "Teacher": "wrappers", "has_dist_token": "wrappers", "prepare_student": "wrappers",
+    "student_outputs": "wrappers",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

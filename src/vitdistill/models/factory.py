@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitdistill.errors import UserError, did_you_mean
+from vitdistill.models import involution  # noqa: F401  registers rednet_micro_inv with timm
 from vitdistill.registry import Registry
 
 
