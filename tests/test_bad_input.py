@@ -326,7 +326,8 @@ def test_export_checks_its_options_and_leaves_nothing(teacher_run: Path, tmp_pat
                         (["--opset", "3"], "--opset 3: give an opset from 18 to"),
                         (["--opset", "99"], "--opset 99: give an opset from 18 to"),
                         (["--opset", "26"], "--opset 26: give an opset from 18 to 25"),
-                        (["--threads", "0"], "--threads 0: give at least 1")):
+                        (["--threads", "0"], "--threads 0: give a number from 1 to 1024"),
+                        (["--threads", "3000"], "--threads 3000: give a number from 1 to 1024")):
         _fails("export", "--student", str(teacher_run), "--out", str(tmp_path / "x.onnx"), *extra, says=says)
     afile = tmp_path / "afile"
     afile.write_text("")

@@ -55,7 +55,11 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
             layers.append(_nest(key, value))
     if getattr(args, "no_progress", False):
         layers.append({"train": {"progress": False}})
-    layers.extend(parse_override(s) for s in args.set or [])
+    for text in args.set or []:
+        layer = parse_override(text)
+        if "out" in layer and (layer["out"] is None or not str(layer["out"]).strip()):
+            raise UserError(f"--set {text} leaves the run folder empty; name it (--out DIR or --set out=DIR)")
+        layers.append(layer)
     if getattr(args, "plugin", None):
         layers.append({"plugins": args.plugin})  # saved with the run, so --resume and eval import them too
     return build_config(layers)
@@ -178,8 +182,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--seed {args.seed}: give a whole number from 0 to 2**63 - 1")
     from vitdistill.engine.io import check_folder
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: give at least 1")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UserError(f"--threads {args.threads}: give a number from 1 to 1024")
     check_folder(args.out)
     run_demo(Path(args.out), seed=args.seed, epochs_scale=args.scale, threads=args.threads)
     return 0

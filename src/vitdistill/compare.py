@@ -127,6 +127,8 @@ def parse_spec(raw: Any, default_student: str) -> Spec:
         knobs = c.get("knobs") or {}
         if not isinstance(knobs, dict):
             raise UserError(f"'{where}.knobs' must be a mapping of the method's knobs, e.g. {{tau: 2.0}}")
+        if "name" in knobs:  # it would replace the cell's method behind its label
+            raise UserError(f"'{where}.knobs' may not hold 'name'; the cell's method is its 'method' key")
         if c.get("teacher_cache") is not None and not isinstance(c["teacher_cache"], bool):
             raise UserError(f"'{where}.teacher_cache' must be true or false")
         cells.append(Cell(label=str(c.get("label") or ""), method=c["method"],
@@ -507,7 +509,11 @@ def compare_cli(args: Any) -> int:
     if args.out is not None and not str(args.out).strip():
         raise UserError("--out is empty; name the grid's folder, or leave --out out for runs/compare-<config>")
     out_key = [layer.pop("out", None) for layer in [raw, *sets]]
-    out = Path(args.out or next((o for o in reversed(out_key) if o), None) or f"runs/compare-{Path(args.config).stem}")
+    for value in out_key:  # taken out before the config's own type check, so checked here
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise UserError(f"'out' must name the grid's folder (a path), not {value!r}; fix it in the config or --set")
+    given = args.out or next((o for o in reversed(out_key) if o), None)
+    out = Path(given).expanduser() if given else Path(f"runs/compare-{Path(args.config).stem}")
     if args.report_only:
         if dist.env_world()[0] == 0:  # under torchrun only rank 0 writes
             rows = write_leaderboard(out)

@@ -232,9 +232,11 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise UserError(f"config '{path}' is not UTF-8 text; give a YAML file") from None
     try:
-        data = _safe_load(text) or {}
+        data = _safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"config '{path}' is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if data is None:  # an empty file (or only comments) sets nothing; `[]`, `0` or `false` is a mistake
+        return {}
     if not isinstance(data, dict):
         raise UserError(f"config '{path}' must be a mapping of sections (data, model, method, train, out)")
     return data

@@ -227,7 +227,7 @@ def synthesize(cfg: Config, out: str | Path) -> dict:
     from vitdistill.engine.setup import augment_for, build_teacher, load_run_data
     from vitdistill.teacher_cache import state_hash
 
-    out = Path(out)
+    out = Path(out).expanduser()
     io.check_folder(out)
     io.refuse_foreign_folder(out, "--out", "synthetic", "the synthetic data set")
     if cfg.data.source.partition(":")[0].strip().lower() == "synthetic":

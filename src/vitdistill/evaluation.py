@@ -77,6 +77,9 @@ def load_student(student: str, weights: str | None, data_spec: str | None, comma
     if "/" in student and ":" not in student and not run_dir.exists():  # a path (hub names hold a colon)
         raise UserError(f"--student '{student}' does not exist; give a run directory or a model name with "
                         f"{weights_flag}")
+    if run_dir.is_file():  # a file of a run, or a weights file, where its folder or a name belongs
+        raise UserError(f"--student '{student}' is a file; give its run directory (--student {run_dir.parent}) "
+                        f"or a model name with {weights_flag} FILE")
     if run_dir.is_dir():
         cfg = run_cfg = _run_config(run_dir)
         name, kwargs, weights = cfg.model.student, cfg.model.student_kwargs, weights or str(run_dir)
@@ -124,6 +127,9 @@ def profile_cli(args: argparse.Namespace) -> dict:
     if not args.model.strip():
         raise UserError("--model is empty; give a model name (`vitdistill models` lists them) or a run directory")
     run_dir = Path(args.model)
+    if run_dir.is_file():
+        raise UserError(f"--model '{args.model}' is a file; give its run directory (--model {run_dir.parent}) or a "
+                        "model name (`vitdistill models` lists them)")
     num_classes, kwargs, name = args.num_classes, {}, args.model
     img_size = args.img_size
     cfg = None
@@ -143,7 +149,7 @@ def profile_cli(args: argparse.Namespace) -> dict:
     try:
         result = profile_model(model, (3, size, size), device=str(pick_device(args.device)), batch=args.batch)
     except (RuntimeError, MemoryError) as exc:  # torch's allocators say it in a RuntimeError
-        if not isinstance(exc, MemoryError) and "alloc" not in str(exc) and "out of memory" not in str(exc):
+        if not isinstance(exc, MemoryError) and not any(w in str(exc) for w in ("alloc", "out of memory", "overflow")):
             raise
         raise UserError(f"not enough memory to profile '{name}' at --batch {args.batch} of {size}-px images; "
                         "give a smaller --batch") from None

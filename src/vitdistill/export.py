@@ -144,8 +144,9 @@ def export_cli(args: argparse.Namespace) -> dict:
         raise UserError(f"--calib {args.calib}: static int8 needs at least one calibration image, e.g. --calib 256")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: give at least 1, or leave it out for ONNX Runtime's own")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UserError(f"--threads {args.threads}: give a number from 1 to 1024, or leave it out for ONNX "
+                        "Runtime's own")
     import onnx
 
     # torch's exporter writes opset 18 and up; above 25 its version converter (torch 2.14, onnxscript)

@@ -84,7 +84,7 @@ def seed_digest(run_seed: int, num_samples: int) -> str:
 def make_header(*, teacher: str, teacher_hash: str, teacher_input: dict, data_fingerprint: str, train_limit: int | None,
                 num_samples: int, num_classes: int, pad: int, hflip: bool, mix_prob: float, cutmix_share: float,
                 seed: int, epochs: int, topk: int, value_dtype: str, crop_scale: float | None = None,
-                erase_prob: float = 0.0, randaugment: str | None = None) -> dict:
+                erase_prob: float = 0.0, randaugment: str | None = None, data_source: str | None = None) -> dict:
     if value_dtype not in _DTYPES:
         raise UserError(f"cache value dtype must be float16 or float32, not '{value_dtype}'")
     if not 1 <= topk <= num_classes:
@@ -92,7 +92,7 @@ def make_header(*, teacher: str, teacher_hash: str, teacher_input: dict, data_fi
     optional = {k: v for k, v in (("crop_scale", crop_scale), ("erase_prob", erase_prob), ("randaugment", randaugment))
                 if v != _OPTIONAL[k]}
     return {**optional, "format": FORMAT_VERSION, "teacher": teacher, "teacher_hash": teacher_hash, "teacher_input": teacher_input,
-            "data": data_fingerprint,
+            "data": data_fingerprint, **({"data_source": data_source} if data_source else {}),  # for messages only
             "train_limit": train_limit, "num_samples": num_samples, "num_classes": num_classes, "pad": pad,
             "hflip": hflip, "mix_prob": mix_prob, "cutmix_share": cutmix_share, "seed": seed, "seed_digest": seed_digest(seed, num_samples), "topk": topk,
             "value_dtype": value_dtype, "epochs": epochs}
@@ -117,6 +117,11 @@ def check_header(found: dict, wanted: dict, where: Path, fields: tuple[str, ...]
     ``fix`` says what to do (a run replaying the cache and cache-teacher writing it differ)."""
     have, want = _core(found), _core(wanted)
     for key in fields:
+        if key == "data" and have[key] != want[key]:  # fingerprints say nothing to a reader: name the sources
+            then = found.get("data_source")
+            said = f"'{then}'" if then else "another data set"
+            raise UserError(f"teacher cache '{where}' was made for {said} or other data settings (img_size, "
+                            f"val_fraction), this run reads '{wanted.get('data_source')}'; {fix}")
         if have[key] != want[key]:
             raise UserError(f"teacher cache '{where}' was made for {key}={have[key]!r}, this run has {want[key]!r}; {fix}")
     if found["epochs"] < wanted["epochs"]:
@@ -269,6 +274,9 @@ def write_cache(cache_dir: Path, header: dict, teacher: torch.nn.Module, split: 
 
 def read_header(cache_dir: Path) -> dict:
     head = cache_dir / "header.json"
+    if cache_dir.is_file():
+        raise UserError(f"'{cache_dir}' is a file; give the teacher cache's folder (--teacher-cache "
+                        f"{cache_dir.parent}), the one `vitdistill cache-teacher --cache DIR` wrote")
     if not head.is_file():
         raise UserError(f"'{cache_dir}' is not a teacher cache (no header.json); write one with `vitdistill cache-teacher`")
     try:

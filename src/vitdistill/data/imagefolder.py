@@ -16,6 +16,7 @@ import io
 import os
 import re
 import tarfile
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ def read_archive(path: Path) -> Listing:
         ) as bar:
             for member in tf:
                 parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
+                if ".." in parts:  # never extracted, but its class would be a guess
+                    raise UserError(f"archive {path} holds '{member.name}', a path that leaves the archive's root "
+                                    "('..'); re-create it from inside its folder (tar -C DIR -cf ARCHIVE .)")
                 dirs = parts if member.isdir() else parts[:-1]
                 folders.update("/".join(dirs[:i]) for i in range(1, len(dirs) + 1))
                 if member.isfile() and parts and _wanted(parts):
@@ -181,9 +185,11 @@ def class_entries(entries: list[Entry]) -> list[Entry]:
 def decode_image(data: bytes, img_size: int | None) -> np.ndarray:
     """Decode fully to RGB uint8 ``[H, W, 3]``, resized to ``img_size`` squared if given."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        rgb = img.convert("RGB")
+    with warnings.catch_warnings():  # a large photo decodes; only PIL's hard limit (an error) stops it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
     if img_size is not None and rgb.size != (img_size, img_size):
         rgb = rgb.resize((img_size, img_size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
@@ -209,6 +215,9 @@ def decode_split(
                             "or remove it") from None
         try:
             arr = decode_image(data, img_size)
+        except Image.DecompressionBombError:
+            raise UserError(f"image '{e.name}' in {where} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which "
+                            "PIL refuses to decode (a decompression-bomb guard); shrink it or remove it") from None
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             # PIL names the in-memory buffer it read ("<_io.BytesIO object at 0x...>"): the file is named already
             why = re.sub(r"\s*<[^>]* object at 0x[0-9a-f]+>", "", str(err)).strip() or type(err).__name__

@@ -139,10 +139,25 @@ def heldout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     return torch.cat(train or [empty]).sort().values, torch.cat(test or [empty]).sort().values
 
 
+def check_fits_in_memory(n: int, side: int, channels: int = 3) -> None:
+    """One-line error when ``n`` decoded ``side``-px images would not fit in this machine's memory."""
+    need = n * channels * side * side
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: let the allocator say it
+        return
+    if need > have:
+        raise UserError(f"{n:,} images at {side} px would take {need / 2**30:,.1f} GiB as uint8, more than this "
+                        f"machine's {have / 2**30:,.1f} GiB of memory; give a smaller data.img_size")
+
+
 def resize_uint8(images: torch.Tensor, side: int, chunk: int = 4096) -> torch.Tensor:
     """Bilinear (antialiased) resize of uint8 ``[N, C, H, W]`` to ``side`` squared, in chunks."""
     if images.shape[-2:] == (side, side):
         return images.contiguous()
+    check_fits_in_memory(len(images), side, images.shape[1])
+    # the float32 working copy of a chunk is four bytes a pixel
+    chunk = max(1, min(chunk, (1 << 30) // max(1, 4 * images.shape[1] * side * side)))
     out = [
         F.interpolate(part.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=True)
         .round_().clamp_(0, 255).to(torch.uint8)
@@ -247,6 +262,13 @@ def _load_imagefolder(
 
 def _check_classes(listing: Listing, path: Path) -> None:
     layout = split_layout(listing.entries)
+    if layout is None:  # a test/ (or val/) folder beside train/ that holds no image would be ignored
+        lowered = {f.lower() for f in listing.folders}
+        for folder in sorted(listing.folders):
+            head, _, last = folder.rpartition("/")
+            if last.lower() in ("test", "val") and (f"{head}/train" if head else "train") in lowered:
+                raise UserError(f"the split folder '{folder}' in {path} holds no images in class folders; add "
+                                f"{last}/<class>/<image>, or remove it to hold out part of train/ instead")
     check_no_empty_class(layout[0] + layout[1] if layout is not None else strip_common_root(listing.entries),
                          listing.folders, path)
 
@@ -282,6 +304,8 @@ def _build(
     if len(classes) < 2:
         raise UserError(f"only one class ('{classes[0]}') in {where[0]}; a classifier needs at least two class folders")
     index = {c: i for i, c in enumerate(classes)}
+    if img_size is not None:  # before hours of decoding, not at the stack after them
+        check_fits_in_memory(len(train_entries) + len(test_list), img_size)
     tr_arr, tr_lab, tr_sizes = decode_split(train_entries, index, where[0], img_size, f"decoding {name} train")
     te_arr, te_lab, te_sizes = decode_split(test_list, index, where[1], img_size, f"decoding {name} test")
     check_sizes({**te_sizes, **tr_sizes}, where[0] if where[0] == where[1] else where[0].parent)

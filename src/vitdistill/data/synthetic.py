@@ -39,6 +39,9 @@ def read_synthetic(path: Path) -> tuple[dict[str, str], torch.Tensor, torch.Tens
             or len(images) != len(labels)):
         raise UserError(f"'{file}' was not written by `vitdistill synthesize` (format {meta.get('format')!r}); "
                         "make it again")
+    if len(images) == 0 or images.shape[2] != images.shape[3]:
+        what = "no images" if len(images) == 0 else f"{images.shape[3]}x{images.shape[2]} images, not square ones"
+        raise UserError(f"'{file}' holds {what}; make it again with `vitdistill synthesize`")
     return meta, images, labels.to(torch.int64)
 
 
@@ -83,6 +86,8 @@ def load_synthetic(
     try:  # metadata are strings; a damaged one is named, not a ValueError deep in the load
         made_at = int(meta["img_size"]) if meta.get("img_size") else None
         pad = int(meta["pad"]) if "pad" in meta else None
+        if (made_at is not None and made_at < 1) or (pad is not None and pad < 0):
+            raise ValueError
     except ValueError:
         raise UserError(f"'{first}' has damaged metadata (img_size={meta.get('img_size')!r}, "
                         f"pad={meta.get('pad')!r}); make it again with `vitdistill synthesize`") from None

@@ -142,7 +142,7 @@ def run(cfg: Config, mode: str, resume: bool = False, relocated: Mapping[str, st
 def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> dict:
     if cfg.out is not None and not str(cfg.out).strip():
         raise UserError("--out is empty; name the run folder, or leave --out out for runs/<mode>-<method>-<model>")
-    out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}")
+    out = Path(cfg.out or f"runs/{mode}-{cfg.method['name']}-{cfg.model.student}").expanduser()
     io.check_folder(out)
     ckpt_path = out / "checkpoint.pt"
     # rank 0's view decides, so no rank goes its own way
@@ -222,70 +222,83 @@ def _run(cfg: Config, mode: str, resume: bool, relocated: Mapping[str, str]) -> 
                             "resume without it or choose a new --out")
         ema.load_state_dict(state["ema"])
 
+    created: list[Path] = []
     if dist.is_main():
-        io.make_folder(out)
+        created = io.make_folder(out)
         io.write_text(out / "config.yaml", cfg.to_yaml())
-    run_student, notes = speed.compile_models(cfg.train, student, taps, side.teachers if side else [])
-    if notes and dist.is_main():
-        print("speed: " + "; ".join(notes), flush=True)
-    # one DistributedDataParallel around student and method under torchrun; the plain step otherwise
-    source = side.source if side is not None else None
-    step_module = dist.wrap_ddp(dist.TrainStep(run_student, prep, method, taps, source), device)
-    data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
+    try:
+        run_student, notes = speed.compile_models(cfg.train, student, taps, side.teachers if side else [])
+        if notes and dist.is_main():
+            print("speed: " + "; ".join(notes), flush=True)
+        # one DistributedDataParallel around student and method under torchrun; the plain step otherwise
+        source = side.source if side is not None else None
+        step_module = dist.wrap_ddp(dist.TrainStep(run_student, prep, method, taps, source), device)
+        data_dev = DataSplit(data.train.images.to(device), data.train.labels.to(device))
 
-    def student_eval(images: torch.Tensor) -> torch.Tensor:
-        return run_student(prep(images))
+        def student_eval(images: torch.Tensor) -> torch.Tensor:
+            return run_student(prep(images))
 
-    def ema_eval(images: torch.Tensor) -> torch.Tensor:
-        return ema.module(prep(images))
+        def ema_eval(images: torch.Tensor) -> torch.Tensor:
+            return ema.module(prep(images))
 
-    teacher_pred, teacher_acc = None, None
-    if side is not None and side.test_logits is not None:
-        teacher_pred, teacher_acc = side.test_logits.argmax(1), accuracy(side.test_logits, data.test.labels)
+        teacher_pred, teacher_acc = None, None
+        if side is not None and side.test_logits is not None:
+            teacher_pred, teacher_acc = side.test_logits.argmax(1), accuracy(side.test_logits, data.test.labels)
 
-    started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        row = {"epoch": epoch + 1}
-        row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
-                               augment=augment, taps=taps, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
-                               epoch=epoch, device=device, num_classes=data.num_classes,
-                               desc=f"{mode} {epoch + 1}/{cfg.train.epochs}", step_module=step_module, ema=ema))
-        if not math.isfinite(row["train_loss"]):  # the same sum on every rank: all stop together
-            raise UserError(f"the training loss became {row['train_loss']} in epoch {epoch + 1}; nothing of that epoch "
-                            "was saved. Lower train.lr, keep train.clip_grad on, or check the method's knobs, then run "
-                            "again into a new --out")
-        student.eval()
-        # each rank evaluates its block of test batches; the logits are gathered on every rank
-        logits = dist.predict(ema_eval if ema is not None else student_eval, data.test, cfg.train.eval_batch_size,
-                              device)
-        acc = {**accuracy(logits, data.test.labels, teacher_pred), **calibration(logits, data.test.labels)}
-        row.update({f"test_{k}": v for k, v in acc.items()})
-        if ema is not None:  # the averaged student is the one scored and saved; the live one beside it
-            live = accuracy(dist.predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels)
-            row["test_live_top1"] = live["top1"]
-        metrics.append(row)
+        started = time.perf_counter()
+        for epoch in range(start_epoch, cfg.train.epochs):
+            row = {"epoch": epoch + 1}
+            row.update(train_epoch(student=student, prep=prep, method=method, teacher=source, split=data_dev,
+                                   augment=augment, taps=taps, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
+                                   epoch=epoch, device=device, num_classes=data.num_classes,
+                                   desc=f"{mode} {epoch + 1}/{cfg.train.epochs}", step_module=step_module, ema=ema))
+            if not math.isfinite(row["train_loss"]):  # the same sum on every rank: all stop together
+                raise UserError(f"the training loss became {row['train_loss']} in epoch {epoch + 1}; nothing of that epoch "
+                                "was saved. Lower train.lr, keep train.clip_grad on, or check the method's knobs, then run "
+                                "again into a new --out")
+            student.eval()
+            # each rank evaluates its block of test batches; the logits are gathered on every rank
+            logits = dist.predict(ema_eval if ema is not None else student_eval, data.test, cfg.train.eval_batch_size,
+                                  device)
+            acc = {**accuracy(logits, data.test.labels, teacher_pred), **calibration(logits, data.test.labels)}
+            row.update({f"test_{k}": v for k, v in acc.items()})
+            if ema is not None:  # the averaged student is the one scored and saved; the live one beside it
+                live = accuracy(dist.predict(student_eval, data.test, cfg.train.eval_batch_size, device), data.test.labels)
+                row["test_live_top1"] = live["top1"]
+            metrics.append(row)
+            wall = wall_before + time.perf_counter() - started
+            if dist.is_main():  # the state dicts are the plain student's and method's, never DDP's
+                print(_epoch_line(row), flush=True)
+                io.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
+                io.write_torch(ckpt_path, {
+                    "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
+                    "config": json.dumps(resolved), "mode": mode, **({"ema": ema.state_dict()} if ema is not None else {}),
+                })
+            if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < cfg.train.epochs:
+                if dist.is_main():
+                    print(f"stopped after epoch {epoch + 1} of {cfg.train.epochs} (train.stop_after); --resume continues",
+                          flush=True)
+                dist.barrier()  # the checkpoint is on disk before any process returns
+                return {"stopped_after_epoch": epoch + 1, "epochs": cfg.train.epochs, "out": str(out)}
         wall = wall_before + time.perf_counter() - started
-        if dist.is_main():  # the state dicts are the plain student's and method's, never DDP's
-            print(_epoch_line(row), flush=True)
-            io.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
-            io.write_torch(ckpt_path, {
-                "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "metrics": metrics, "wall_s": wall,
-                "config": json.dumps(resolved), "mode": mode, **({"ema": ema.state_dict()} if ema is not None else {}),
-            })
-        if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < cfg.train.epochs:
-            if dist.is_main():
-                print(f"stopped after epoch {epoch + 1} of {cfg.train.epochs} (train.stop_after); --resume continues",
-                      flush=True)
-            dist.barrier()  # the checkpoint is on disk before any process returns
-            return {"stopped_after_epoch": epoch + 1, "epochs": cfg.train.epochs, "out": str(out)}
-    wall = wall_before + time.perf_counter() - started
-    if dist.is_main():
-        final = ema.module if ema is not None else student
-        summary = _finish(cfg, mode, out, final, method, side, spec, data, metrics, teacher_acc, wall, device)
-    else:
-        summary = None
-    return dist.broadcast(summary)  # waits for rank 0's files; every process returns the same summary
+        if dist.is_main():
+            final = ema.module if ema is not None else student
+            summary = _finish(cfg, mode, out, final, method, side, spec, data, metrics, teacher_acc, wall, device)
+        else:
+            summary = None
+        return dist.broadcast(summary)  # waits for rank 0's files; every process returns the same summary
+    except BaseException:  # an interrupt or error before the first checkpoint leaves no half-made run
+        if dist.is_main() and not ckpt_path.exists():
+            _forget_run(out, created)
+        raise
+
+
+def _forget_run(out: Path, created: list[Path]) -> None:
+    """Take away the files a run wrote before its first checkpoint, and the folders it made for them."""
+    for name in ("config.yaml", "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    io.remove_folders(created)
 
 
 def _finish(cfg: Config, mode: str, out: Path, student: torch.nn.Module, method, side, spec: dict, data,

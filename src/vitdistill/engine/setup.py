@@ -48,6 +48,10 @@ def load_run_data(cfg: Config) -> Dataset:
 
 def augment_for(cfg: Config, data: Dataset) -> Augment:
     pad = data.pad if cfg.data.pad is None else cfg.data.pad
+    if pad > data.img_size:  # a crop that pads past the image is mostly zeros, and its batch copy huge
+        where = "data.pad" if cfg.data.pad is not None else f"the default of {data.name}"
+        raise UserError(f"the crop padding ({where}) is {pad} pixels, larger than the {data.img_size}-px images; "
+                        "set data.pad to a few pixels (4 on CIFAR) or 0")
     hflip = data.hflip if cfg.data.hflip is None else cfg.data.hflip
     d = cfg.data
     if not 0.0 <= d.mix_prob <= 1.0 or not 0.0 <= d.cutmix_share <= 1.0 or not 0.0 <= d.erase_prob <= 1.0:
@@ -79,7 +83,7 @@ def method_and_student(cfg: Config, mode: str, data: Dataset) -> tuple[Method, t
 
 def teacher_names(cfg: Config) -> list[tuple[str, str | None]]:
     """(name, weights) of each teacher; several are given comma-separated: ``--teacher a,b``."""
-    names = [n.strip() for n in (cfg.model.teacher or "").split(",") if n.strip()]
+    names = _split_list(cfg.model.teacher, "--teacher (model.teacher)")
     weights = [w.strip() or None for w in cfg.model.teacher_weights.split(",")] if cfg.model.teacher_weights else []
     if weights and not names:
         raise UserError("--teacher-weights (model.teacher_weights) is given with no teacher model; name the "
@@ -161,7 +165,7 @@ def cache_header(cfg: Config, data: Dataset, teacher_name: str, teacher_hash: st
         train_limit=cfg.data.train_limit, num_samples=len(data.train), num_classes=data.num_classes,
         pad=aug.pad, hflip=aug.hflip, mix_prob=aug.mix_prob, cutmix_share=aug.cutmix_share,
         crop_scale=aug.crop_scale, erase_prob=aug.erase_prob, randaugment=cfg.data.randaugment or None,
-        seed=cfg.train.seed, epochs=cfg.train.epochs,
+        seed=cfg.train.seed, epochs=cfg.train.epochs, data_source=str(cfg.data.source),
         topk=min(cfg.cache.topk, data.num_classes), value_dtype=cfg.cache.value_dtype)
 
 
@@ -258,7 +262,18 @@ def teacher_side(cfg: Config, data: Dataset, method: Method, device: torch.devic
 
 def split_dirs(text: str | None) -> list[str]:
     """Teacher caches given comma-separated, one per teacher in the teachers' order."""
-    return [d.strip() for d in (text or "").split(",") if d.strip()]
+    return _split_list(text, "--teacher-cache (cache.dir)")
+
+
+def _split_list(text: str | None, flag: str) -> list[str]:
+    """The comma-separated entries of ``text``; an empty one (``a,,b``, a trailing comma) is an error,
+    since dropping it would pair the rest with the wrong teachers."""
+    if not text or not str(text).strip():
+        return []
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(parts):
+        raise UserError(f"{flag} '{text}' has an empty entry; separate the entries with single commas")
+    return parts
 
 
 def setup_method(method: Method, student: torch.nn.Module, student_name: str, side: TeacherSide | None,

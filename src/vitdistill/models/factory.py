@@ -120,9 +120,10 @@ def create_model(
         # timm's own checks of the sizes (a negative depth, a patch that does not divide the image)
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if isinstance(exc, MemoryError) or "can't allocate memory" in why:  # the size, not the kwargs
-            raise UserError(f"not enough memory to build '{name}' for {kwargs.get('img_size')}-px images (its "
-                            "position embedding grows with the image); use smaller images (data.img_size, or "
-                            "profile's --img-size)") from None
+            raise UserError(f"not enough memory to build '{name}' for {kwargs.get('img_size')}-px images and "
+                            f"{num_classes} classes (a ViT's position embedding grows with the image, the head "
+                            "with the classes); use smaller images (data.img_size, or profile's --img-size) or "
+                            "fewer classes") from None
         raise UserError(f"cannot build '{name}' with {overrides or {}}: {why}; fix model.*_kwargs") from None
     _check_patch_fits(model, name, kwargs.get("img_size"))
     if spec["small_stem"]:
@@ -267,6 +268,12 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
                 f"{what} do not fit model '{name}': they have {state[k].shape[0]} classes ({k}) but the data "
                 f"has {n_cls}; use a teacher and student trained for this data's classes"
             )
+    kinds = [k for k in own if k in state and k not in shapes and _kind(own[k]) != _kind(state[k])]
+    if kinds:  # load_state_dict would cast a bool or int tensor to float without a word
+        k = kinds[0]
+        raise UserError(f"{what} do not fit model '{name}': {k} holds {str(state[k].dtype).removeprefix('torch.')} "
+                        f"values where the model has {str(own[k].dtype).removeprefix('torch.')}; use weights "
+                        "trained for this model")
     if missing or unexpected or shapes:
         detail = []
         if shapes:
@@ -280,6 +287,15 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
             f"{what} do not fit model '{name}': {'; '.join(detail)}; "
             "use weights trained for this model and class count"
         )
+
+
+def _kind(t: torch.Tensor) -> str:
+    """A tensor's kind of number: any float width serves a float tensor (fp16 and bf16 weights load)."""
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "float"
+    return "bool" if t.dtype == torch.bool else "int"
 
 
 def expected_input_size(model: torch.nn.Module) -> int | None:

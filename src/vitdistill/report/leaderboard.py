@@ -45,6 +45,10 @@ _DISPLAY = [("best", "best"), ("rank", "#"), ("label", "cell"), ("method", "meth
             ("latency_band", "latency band (ms)")]
 _PREFORMATTED = ("best", "top1_txt", "gain_txt", "gain_ci_txt", "kept_txt")
 _COST = ("params", "flops", "latency_ms_b1", "throughput_img_s", "peak_mem_mb")
+# the numbers of a summary the leaderboard averages: checked on reading, so a damaged one is named
+_TEACHER_NUMBERS = ("top1", "params", "flops", "latency_ms_b1")
+_NUMBERS = ("student_top1", "agreement", "student_ece", "teacher_top1", "wall_s", *_COST,
+            "teacher_params", "teacher_flops", "teacher_latency_ms_b1")
 
 
 def _damaged(path: Path, why: str) -> UserError:
@@ -78,6 +82,15 @@ def read_summary(run_dir: Path) -> dict | None:
         raise _damaged(path, "not JSON") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("student_top1"), (int, float)):
         raise _damaged(path, "no student_top1")
+    teachers = summary.get("teachers") or []
+    if not isinstance(teachers, list) or not all(isinstance(t, dict) and isinstance(t.get("model"), str)
+                                                 for t in teachers):
+        raise _damaged(path, "'teachers' is not a list of teachers")
+    for where, record, keys in [("", summary, _NUMBERS), *(("teachers: ", t, _TEACHER_NUMBERS) for t in teachers)]:
+        for key in keys:
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise _damaged(path, f"{where}{key} is {value!r}, not a number")
     return summary
 
 
