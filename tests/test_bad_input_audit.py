@@ -195,3 +195,28 @@ def test_a_cache_of_other_data_names_the_sources(teacher_run: Path, tmp_path: Pa
            "--epochs", "1", *TINY, "--data", "mnist5k", "--out", str(tmp_path / "r"),
            says="was made for 'digits' or other data settings (img_size, val_fraction), this run reads 'mnist5k'")
     assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None:
+    """`kill` (or `timeout`) mid-run: exit 143, the interrupt's line, and no temporary file or
+    half-made run folder, whichever epoch the signal meets."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "vitdistill", "train", "--model", "vit_femto_patch4_16",
+                             "--epochs", "50", "--threads", "1", "--no-progress", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().startswith("interrupted;") and len(err.strip().splitlines()) == 1, err
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left in ([], ["checkpoint.pt", "config.yaml", "metrics.jsonl"]), left

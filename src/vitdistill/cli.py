@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Callable
@@ -389,9 +391,28 @@ def _rank_world() -> tuple[int, int]:
 _FILE_FLAGS = ("weights", "teacher_weights", "student_weights", "teacher_cache", "cache", "config")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler's stop), met as Ctrl-C is so that the same clean-up
+    runs: no temporary file or half-made folder is left behind."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     rank, world = _rank_world()
     try:
@@ -421,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         # and an error met by one rank alone must not be silent.
         print(f"error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(_INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130  # 128 + the signal, as a shell reports it
 
 
 if __name__ == "__main__":
