@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
-from vitdistill.methods.minivit import MiniViT, hidden_relation_kl, multiplex, qkv_relation_kl
+from vitdistill.methods.minivit import MiniViT, hidden_relation_cosine, hidden_relation_kl, multiplex, qkv_relation_kl
 from vitdistill.models import create_model
 from vitdistill.models.taps import FeatureTaps, LayerInfo, ModelInfo, Tap, describe
 
@@ -78,6 +78,42 @@ def test_hidden_relation_matches_the_equation():
     s, t = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 6, generator=g)
     expected = hand_relation_kl(head_lists(s, 2), head_lists(t, 2), [(0, 0)])
     assert float(hidden_relation_kl(s, t, 2)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hidden_relation_cosine_is_mini_swins_code_form():
+    """(1 / (B N)) sum_{b,i,j} (cos_S(h_i, h_j) - cos_T(h_i, h_j))^2, written out by hand: on a Swin
+    window of 49 tokens this is Mini-Swin's mean-times-49."""
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 6, generator=g)
+
+    def cos(u: list[float], v: list[float]) -> float:
+        dot = sum(a * b for a, b in zip(u, v))
+        return dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
+
+    total = 0.0
+    for b in range(2):
+        sb, tb = s[b].tolist(), t[b].tolist()
+        total += sum((cos(sb[i], sb[j]) - cos(tb[i], tb[j])) ** 2 for i in range(3) for j in range(3))
+    assert float(hidden_relation_cosine(s, t)) == pytest.approx(total / (2 * 3), rel=1e-5)
+    assert float(hidden_relation_cosine(s, 3.0 * s)) == pytest.approx(0.0, abs=1e-6)  # scale-free
+    window = torch.randn(2, 49, 8, generator=g), torch.randn(2, 49, 8, generator=g)
+    sn, tn = (torch.nn.functional.normalize(x, dim=-1) for x in window)
+    official = ((sn @ sn.transpose(1, 2) - tn @ tn.transpose(1, 2)) ** 2).mean() * 49
+    assert float(hidden_relation_cosine(*window)) == pytest.approx(float(official), rel=1e-5)
+
+
+def test_the_cosine_form_is_chosen_by_its_knob():
+    for form, fn in (("kl", lambda s, t: hidden_relation_kl(s, t, 2)), ("cosine", hidden_relation_cosine)):
+        method = MiniViT(beta=0.0, gamma=1.0, ce_weight=0.0, hidden_relation=form)
+        method.setup(vit_info("s", 3, 4, 2, 1, 1), [vit_info("t", 3, 6, 2, 1, 1)])
+        g = torch.Generator().manual_seed(5)
+        s_hid, t_hid = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 6, generator=g)
+        z = torch.randn(2, 3, generator=g)
+        out = method({"logits": z, "qkv.0": torch.randn(3, 2, 2, 3, 2, generator=g), "block.0": s_hid},
+                     {"logits": z, "qkv.0": torch.randn(3, 2, 2, 3, 3, generator=g), "block.0": t_hid},
+                     torch.tensor([0, 1]))
+        assert float(out["hddn"]) == pytest.approx(float(fn(s_hid, t_hid)), rel=1e-6)
+        assert float(out["loss"]) == pytest.approx(float(out["hddn"]), rel=1e-6)  # pred is 0: same logits
 
 
 def vit_info(name: str, n_tokens: int, width: int, heads: int, depth: int, prefix: int) -> ModelInfo:
@@ -156,7 +192,7 @@ def test_setup_serves_only_vit_pairs_of_equal_heads():
 
 
 @pytest.mark.parametrize("knob,value", [("share", 0), ("share", 1.5), ("kernel_size", 4), ("tau", 0.0),
-                                        ("gamma", -1.0), ("relation_heads", 0)])
+                                        ("gamma", -1.0), ("relation_heads", 0), ("hidden_relation", "mse")])
 def test_bad_knobs_are_user_errors(knob, value):
     with pytest.raises(UserError, match=knob):
         build_method({"name": "minivit", knob: value})

@@ -28,8 +28,16 @@ stream before the MLP; inside the branch the residual path, and so a pretrained 
     L_attn = 1/9 sum_{i,j in {Q,K,V}} KL(R^t_ij || R^s_ij),  R_ij = softmax(X_i X_j^T / sqrt(d)) per head
     L_hddn = KL(R^t_H || R^s_H),  R_H = softmax(H_h H_h^T / sqrt(D / heads)), H split into the heads
 
-The relation terms are Mini-Swin's (Cream's Mini-DeiT distils with DeiT's soft loss alone); the
-tau^2 of L_pred is Hinton's, not in Mini-Swin's code, and changes nothing at the default tau = 1.
+Both relation terms are the paper's equations. L_attn is also what Mini-Swin's official code computes
+(Cream's Mini-DeiT distils with DeiT's soft loss alone); for the hidden states that code uses another
+form, the squared difference of cosine-similarity maps of the L2-normalised tokens, summed over a
+row (its "* 49" is a Swin window's 49 tokens) and averaged over batch and rows:
+
+    L_hddn (hidden_relation = "cosine") = 1/(B N) sum_{b,i,j} (cos_S(h_i, h_j) - cos_T(h_i, h_j))^2
+
+``hidden_relation="cosine"`` selects it (no heads there; its gamma of 0.1 is the official weight for
+this form, while for the KL form it is our default). The tau^2 of L_pred is Hinton's, not in
+Mini-Swin's code, and changes nothing at the default tau = 1.
 KLs are taken row by row and averaged over batch, heads and rows (the official code's mean). By
 default the relations are per head of the models, which needs equal head counts; ``relation_heads=R``
 concatenates each side's heads along channels and splits them into R relation heads (MiniLMv2's
@@ -250,6 +258,15 @@ def hidden_relation_kl(s_hidden: torch.Tensor, t_hidden: torch.Tensor, heads: in
         return _row_kl(_relation(s, s), _relation(t, t))
 
 
+def hidden_relation_cosine(s_hidden: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
+    """Mini-Swin's official hidden-state loss on ``[B, N, D]`` tokens: the squared difference of the
+    two models' cosine-similarity maps, summed over each row and averaged over batch and rows."""
+    with torch.autocast(s_hidden.device.type, enabled=False):
+        s, t = F.normalize(s_hidden.float(), dim=-1), F.normalize(t_hidden.float(), dim=-1)
+        diff = s @ s.transpose(-2, -1) - t @ t.transpose(-2, -1)
+        return diff.pow(2).sum(-1).mean()
+
+
 def _tokens(x: torch.Tensor, prefix: int, keep_cls: bool) -> torch.Tensor:
     """The tokens the relations compare (axis -2): the class token when both models have one, and
     the patch tokens."""
@@ -275,6 +292,7 @@ class MiniViT(Method):
         student_layers: list[int] | None = None,
         teacher_layers: list[int] | None = None,
         relation_heads: int | None = None,
+        hidden_relation: str = "kl",
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(label_smoothing)
@@ -290,7 +308,10 @@ class MiniViT(Method):
         if relation_heads is not None and (isinstance(relation_heads, bool) or not isinstance(relation_heads, int)
                                            or relation_heads < 1):
             raise ValueError(f"relation_heads must be an integer >= 1 or null, not {relation_heads!r}")
-        self.relation_heads = relation_heads
+        if hidden_relation not in ("kl", "cosine"):
+            raise ValueError(f"hidden_relation must be 'kl' (the paper's) or 'cosine' (Mini-Swin's code), "
+                             f"not {hidden_relation!r}")
+        self.relation_heads, self.hidden_relation = relation_heads, hidden_relation
         self.share, self.kernel_size, self.tau = share, kernel_size, tau
         self.beta, self.gamma, self.ce_weight = beta, gamma, ce_weight
         check_layer_knobs(student_layers, teacher_layers)
@@ -350,8 +371,12 @@ class MiniViT(Method):
         attn = sum(qkv_relation_kl(self._regroup(_tokens(student[f"qkv.{s}"], sp, keep)),
                                    self._regroup(_tokens(teacher[f"qkv.{t}"], tp, keep)))
                    for s, t in self.pairs) / len(self.pairs)
-        hddn = sum(hidden_relation_kl(_tokens(student[f"block.{s}"], sp, keep),
-                                      _tokens(teacher[f"block.{t}"], tp, keep), self.heads)
+        def hidden(s_hidden: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
+            if self.hidden_relation == "cosine":
+                return hidden_relation_cosine(s_hidden, t_hidden)
+            return hidden_relation_kl(s_hidden, t_hidden, self.heads)
+
+        hddn = sum(hidden(_tokens(student[f"block.{s}"], sp, keep), _tokens(teacher[f"block.{t}"], tp, keep))
                    for s, t in self.pairs) / len(self.pairs)
         loss = self.ce_weight * ce + pred + self.beta * attn + self.gamma * hddn
         return {"loss": loss, "ce": ce.detach(), "pred": pred.detach(), "attn": attn.detach(),
