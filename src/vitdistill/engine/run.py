@@ -35,10 +35,11 @@ from vitdistill.models.factory import check_fits, expected_input_size
 from vitdistill.report.profile import profile_model
 from vitdistill.report.run_report import write_run_report
 
-# Keys that may change between a run and its resume without changing its result (a plugin's
-# method or model is named in method.name / model.*, which must not change).
-# train.accum_steps is among them: a run out of memory resumes with more micro-batches, which change
-# only rounding, BatchNorm statistics and batch-relating losses (docs/usage.md)
+# Keys that may change between a run and its resume without changing what it computes (a plugin's
+# method or model is named in method.name / model.*, which must not change). Two of them change
+# the floating-point rounding: train.threads (torch's CPU kernels sum in another order, about 1e-8
+# apart) and train.accum_steps (a run out of memory resumes with more micro-batches, which also
+# change BatchNorm statistics and batch-relating losses; docs/usage.md). The rest leave it bit-exact.
 _RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("train", "stop_after"), ("out",),
                 ("synth",), ("train", "accum_steps"), ("plugins",)}
 
