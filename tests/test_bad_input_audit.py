@@ -136,6 +136,12 @@ def test_image_folders_an_empty_test_split_and_a_path_out_of_the_archive(tmp_pat
             _png(root / "train" / c / f"{i}.png", value=40 * i)
     (root / "test").mkdir()
     _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{root}"), says="the split folder 'test'")
+    (root / "test").rmdir()
+    (root / "Val").mkdir()  # below a common root, in any case
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    root.rename(nested / "MySet")
+    _fails(*_train(tmp_path / "r", "--data", f"imagefolder:{nested}"), says="the split folder 'MySet/Val'")
     tar = tmp_path / "trav.tar"
     with tarfile.open(tar, "w") as tf:
         buf = io.BytesIO()

@@ -266,7 +266,7 @@ def _check_classes(listing: Listing, path: Path) -> None:
         lowered = {f.lower() for f in listing.folders}
         for folder in sorted(listing.folders):
             head, _, last = folder.rpartition("/")
-            if last.lower() in ("test", "val") and (f"{head}/train" if head else "train") in lowered:
+            if last.lower() in ("test", "val") and (f"{head}/train" if head else "train").lower() in lowered:
                 raise UserError(f"the split folder '{folder}' in {path} holds no images in class folders; add "
                                 f"{last}/<class>/<image>, or remove it to hold out part of train/ instead")
     check_no_empty_class(layout[0] + layout[1] if layout is not None else strip_common_root(listing.entries),
