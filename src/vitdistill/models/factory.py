@@ -268,8 +268,11 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
                 f"{what} do not fit model '{name}': they have {state[k].shape[0]} classes ({k}) but the data "
                 f"has {n_cls}; use a teacher and student trained for this data's classes"
             )
-    kinds = [k for k in own if k in state and k not in shapes and _kind(own[k]) != _kind(state[k])]
-    if kinds:  # load_state_dict would cast a bool or int tensor to float without a word
+    # load_state_dict would cast bool, int or complex weights to float without a word; a float
+    # counter (num_batches_tracked from a blanket .half()) only rounds back, so it passes
+    kinds = [k for k in own if k in state and k not in shapes and _kind(state[k]) != _kind(own[k])
+             and (_kind(own[k]) == "float" or _kind(state[k]) == "complex")]
+    if kinds:
         k = kinds[0]
         raise UserError(f"{what} do not fit model '{name}': {k} holds {str(state[k].dtype).removeprefix('torch.')} "
                         f"values where the model has {str(own[k].dtype).removeprefix('torch.')}; use weights "
