@@ -140,3 +140,14 @@ def test_cli_distill_from_a_teacher_cache(teacher_run: Path, tmp_path: Path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 <= r["loss_inter"] <= 2 and 0 <= r["loss_intra"] <= 2 for r in rows)
     assert json.loads((out / "summary.json").read_text())["teacher_cache"] == str(cache)
+
+
+def test_micro_batches_of_one_sample_are_refused(teacher_run: Path, tmp_path: Path):
+    """L_intra correlates a class's column over the batch: a micro-batch of one would teach nothing."""
+    args = [*distill_args("dist", "vit_femto_patch4_16", "resnet_micro_cnn", teacher_run), "--out", str(tmp_path / "r")]
+    r = run_cli_fast(*args, "--batch-size", "4", "--set", "train.accum_steps=4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "each micro-batch needs at least 2; this run's hold 1 (4 images a step" in r.stderr
+    assert not (tmp_path / "r").exists()
+    r = run_cli_fast(*args, "--batch-size", "4", "--set", "train.accum_steps=2", "--set", "train.stop_after=1")
+    assert r.returncode == 0, r.stderr  # two samples a micro-batch serve

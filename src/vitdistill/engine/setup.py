@@ -19,7 +19,7 @@ from vitdistill.engine.runtime import pick_device, seed_everything, set_threads
 from vitdistill.engine.speed import channels_last_teachers, compile_teachers
 from vitdistill.data.mix import Augment
 from vitdistill.data.randaugment import parse_spec
-from vitdistill.engine.trainer import LiveTeacher, TeacherSource
+from vitdistill.engine.trainer import LiveTeacher, TeacherSource, check_micro_batch
 from vitdistill.errors import UserError
 from vitdistill.methods import build_method
 from vitdistill.methods.base import Method
@@ -72,6 +72,7 @@ def method_and_student(cfg: Config, mode: str, data: Dataset) -> tuple[Method, t
     method = build_method(cfg.method, cfg.train.label_smoothing)
     if mode == "train" and method.needs_teacher:
         raise UserError(f"`train` fits a model on labels; method '{method.name}' needs a teacher, use `distill`")
+    check_micro_batch(method, cfg.train, len(data.train), dist.world_size())
     m = cfg.model
     student, spec = create_model(m.student, data.num_classes, data.img_size, m.student_kwargs, m.pretrained,
                                  m.student_weights)

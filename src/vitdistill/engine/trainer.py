@@ -106,6 +106,19 @@ def check_accum(cfg: TrainConfig, world: int = 1) -> None:
                         f"micro-batches of less than one image; use at most {local}")
 
 
+def check_micro_batch(method: Method, cfg: TrainConfig, n_train: int, world: int = 1) -> None:
+    """A one-line error when the smallest micro-batch a step trains on holds fewer samples than the
+    method's loss needs (``Method.batch_least``). A step is a whole batch, or the whole split when
+    that is smaller (a ragged last batch is dropped), cut over the processes and then into
+    ``train.accum_steps`` micro-batches."""
+    step = min(cfg.batch_size, n_train)
+    smallest = step // max(1, world) // cfg.accum_steps
+    if smallest < method.batch_least:
+        raise UserError(f"method '{method.name}' relates the samples of a batch, so each micro-batch needs at least "
+                        f"{method.batch_least}; this run's hold {smallest} ({step} images a step, {world} process(es), "
+                        f"{cfg.accum_steps} micro-batches); raise train.batch_size or lower train.accum_steps")
+
+
 def train_epoch(
     *,
     student: torch.nn.Module,

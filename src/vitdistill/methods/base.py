@@ -48,6 +48,7 @@ class Method(torch.nn.Module):
     needs_dist_token: ClassVar[bool] = False
     teachers_needed: ClassVar[int] = 1  # the least number of teachers the method works with
     teachers_most: ClassVar[int | None] = 1  # the most it learns from (None: any number)
+    batch_least: ClassVar[int] = 1  # the fewest samples a (micro-)batch needs: 2 for a loss over the batch
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()

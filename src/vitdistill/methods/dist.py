@@ -17,7 +17,7 @@ released loss.
 A student with DeiT's distillation token gets CE on the class head and the DIST terms on the
 distillation head; any other student gets all of it on its class head. Only the teacher's logits
 are read, so DIST runs from a teacher cache. The intra-class term is a batch statistic: it needs
-batches of at least two samples.
+batches of at least two samples (``batch_least``; a run of micro-batches of one is refused).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class DIST(Method):
     summary = "Pearson correlation of softened predictions, per sample (inter-class) and per class (intra-class)"
     paper = "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher"
     teacher_outputs = ("logits",)
+    batch_least = 2  # the intra-class term correlates each class's column over the batch
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0, label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)
