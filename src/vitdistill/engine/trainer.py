@@ -111,8 +111,11 @@ def check_micro_batch(method: Method, cfg: TrainConfig, n_train: int, world: int
     method's loss needs (``Method.batch_least``). A step is a whole batch, or the whole split when
     that is smaller (a ragged last batch is dropped), cut over the processes and then into
     ``train.accum_steps`` micro-batches."""
+    if method.batch_least <= 1:
+        return
     step = min(cfg.batch_size, n_train)
-    smallest = step // max(1, world) // cfg.accum_steps
+    local = step // max(1, world)
+    smallest = max(1, local // cfg.accum_steps)  # empty micro-batches of a short step are skipped
     if smallest < method.batch_least:
         raise UserError(f"method '{method.name}' relates the samples of a batch, so each micro-batch needs at least "
                         f"{method.batch_least}; this run's hold {smallest} ({step} images a step, {world} process(es), "
