@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
-from vitdistill.config import Config, build_config, load_yaml, parse_override
+from vitdistill.config import MAX_THREADS, Config, build_config, load_yaml, parse_override
 from vitdistill.errors import UserError, did_you_mean
 
 # flag -> config key, for the options that train and distill share
@@ -184,8 +184,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--seed {args.seed}: give a whole number from 0 to 2**63 - 1")
     from vitdistill.engine.io import check_folder
 
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        raise UserError(f"--threads {args.threads}: give a number from 1 to 1024")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise UserError(f"--threads {args.threads}: give a number from 1 to {MAX_THREADS}")
     check_folder(args.out)
     run_demo(Path(args.out), seed=args.seed, epochs_scale=args.scale, threads=args.threads)
     return 0

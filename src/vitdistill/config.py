@@ -279,6 +279,8 @@ def _rate() -> tuple:
     return (lambda v: math.isfinite(v) and 0 < v < _FLOAT32_MAX), "a number > 0 and below 3.4e38 (float32's largest)"
 
 
+MAX_THREADS = 1024  # train.threads, and the --threads of the commands that take no config
+
 # Ranges of the plain numeric keys (None passes where a key allows it), checked when the config
 # is built: before a run folder exists, and in words rather than as an error from deep in torch.
 _RANGES: dict[tuple[str, str], tuple] = {
@@ -288,7 +290,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("train", "warmup_epochs"): _at_least(0), ("train", "clip_grad"): _above(0),
     ("train", "label_smoothing"): ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     ("train", "eval_batch_size"): _at_least(1),
-    ("train", "threads"): ((lambda v: 1 <= v <= 1024), "a number from 1 to 1024"),
+    ("train", "threads"): ((lambda v: 1 <= v <= MAX_THREADS), f"a number from 1 to {MAX_THREADS}"),
     ("train", "seed"): ((lambda v: 0 <= v < 2**63), "a whole number from 0 to 2**63 - 1"),
     ("train", "stop_after"): _at_least(1), ("data", "pad"): _at_least(0), ("data", "train_limit"): _at_least(1),
     ("data", "test_limit"): _at_least(1),

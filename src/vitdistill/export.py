@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from vitdistill.config import MAX_THREADS
 from vitdistill.engine.evaluate import accuracy, predict
 from vitdistill.engine.io import check_folder, make_folder, remove_folders
 from vitdistill.errors import UserError
@@ -144,8 +145,8 @@ def export_cli(args: argparse.Namespace) -> dict:
         raise UserError(f"--calib {args.calib}: static int8 needs at least one calibration image, e.g. --calib 256")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give at least 1")
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        raise UserError(f"--threads {args.threads}: give a number from 1 to 1024, or leave it out for ONNX "
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise UserError(f"--threads {args.threads}: give a number from 1 to {MAX_THREADS}, or leave it out for ONNX "
                         "Runtime's own")
     import onnx
 
